@@ -1,0 +1,254 @@
+//! Service lookup, backend selection and reverse NAT, shared by every sock_addr entry point.
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use mesh_common::{
+    Backend, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, SlotKey, is_v4_mapped,
+    v4_mapped,
+};
+
+use crate::maps::{BACKENDS, COUNTERS, REV_NAT, SERVICES, SLOTS};
+
+/// Returned to let the syscall go on (possibly with a rewritten address).
+const ALLOW: i32 = 1;
+/// Returned to fail the syscall; the errno is set with `bpf_set_retval` first.
+const REJECT: i32 = 0;
+/// A service with no ready backend refuses at once, as kube-proxy's REJECT rule does, instead of letting a SYN
+/// disappear into a black hole.
+const ECONNREFUSED: i32 = 111;
+
+/// How to choose among a service's slots.
+#[derive(Clone, Copy)]
+pub enum Pick {
+    /// A fresh random slot per connect (TCP has no source port yet to hash on).
+    Random,
+    /// Hash of the socket cookie: one unconnected UDP socket keeps one backend while the slots are unchanged.
+    PerSocket,
+}
+
+enum Outcome {
+    /// Not a service: leave the address alone.
+    Pass,
+    /// Rewrite to this backend of this service id.
+    To(Backend, u32),
+    /// A service with no backend.
+    Refuse,
+}
+
+// The context fields must be read and written 4 bytes at a time (the verifier rejects wider accesses), so every
+// access goes through a volatile u32 load or store.
+#[inline(always)]
+fn load(p: *const u32) -> u32 {
+    unsafe { read_volatile(p) }
+}
+
+#[inline(always)]
+fn store(p: *mut u32, v: u32) {
+    unsafe { write_volatile(p, v) }
+}
+
+#[inline(always)]
+fn sa(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
+    ctx.sock_addr
+}
+
+#[inline(always)]
+fn proto_of(ctx: &SockAddrContext) -> Option<u8> {
+    let p = load(unsafe { addr_of!((*sa(ctx)).protocol) }) as u8;
+    (p == PROTO_TCP || p == PROTO_UDP).then_some(p)
+}
+
+#[inline(always)]
+fn user_port(ctx: &SockAddrContext) -> u16 {
+    // The low 16 bits hold the port in network byte order.
+    load(unsafe { addr_of!((*sa(ctx)).user_port) }) as u16
+}
+
+#[inline(always)]
+fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    let p = unsafe { addr_of!((*sa(ctx)).user_ip6) } as *const u32;
+    [
+        load(p),
+        load(p.wrapping_add(1)),
+        load(p.wrapping_add(2)),
+        load(p.wrapping_add(3)),
+    ]
+}
+
+#[inline(always)]
+fn set_user_ip6(ctx: &SockAddrContext, addr: &[u32; 4]) {
+    let p = unsafe { addr_of_mut!((*sa(ctx)).user_ip6) } as *mut u32;
+    store(p, addr[0]);
+    store(p.wrapping_add(1), addr[1]);
+    store(p.wrapping_add(2), addr[2]);
+    store(p.wrapping_add(3), addr[3]);
+}
+
+#[inline(always)]
+fn set_user_port(ctx: &SockAddrContext, port: u16) {
+    store(unsafe { addr_of_mut!((*sa(ctx)).user_port) }, port as u32);
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockAddrContext) -> u64 {
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+fn count(service_id: u32, no_backend: bool) {
+    if let Some(c) = COUNTERS.get_ptr_mut(service_id) {
+        // Per-CPU slot: no other CPU writes it, so a plain increment is exact.
+        unsafe {
+            if no_backend {
+                (*c).no_backend += 1;
+            } else {
+                (*c).balanced += 1;
+            }
+        }
+    }
+}
+
+/// Looks the frontend up and chooses a backend.
+fn balance(ctx: &SockAddrContext, key: &ServiceKey, pick: Pick) -> Outcome {
+    let Some(svc) = SERVICES.get_ptr(key) else {
+        return Outcome::Pass;
+    };
+    let svc = unsafe { *svc };
+    if svc.count == 0 {
+        count(svc.id, true);
+        return Outcome::Refuse;
+    }
+    let r = match pick {
+        Pick::Random => unsafe { bpf_get_prandom_u32() },
+        Pick::PerSocket => {
+            let c = cookie(ctx);
+            // Fold and mix the cookie so consecutive cookies spread over the slots.
+            let x = (c ^ (c >> 32)) as u32;
+            x.wrapping_mul(0x9e37_79b1)
+        }
+    };
+    let slot = SlotKey {
+        service_id: svc.id,
+        slot: r % svc.count,
+    };
+    // A slot or backend can be missing for an instant while the agent compacts a shrinking service; treat that as
+    // "not a service" rather than refusing a connect that the next lookup would have served.
+    let Some(s) = SLOTS.get_ptr(&slot) else {
+        return Outcome::Pass;
+    };
+    let backend_id = unsafe { (*s).backend_id };
+    let Some(b) = BACKENDS.get_ptr(&backend_id) else {
+        return Outcome::Pass;
+    };
+    count(svc.id, false);
+    Outcome::To(unsafe { *b }, svc.id)
+}
+
+fn remember(ctx: &SockAddrContext, key: &ServiceKey, backend: &Backend, service_id: u32) {
+    let rk = RevNatKey {
+        cookie: cookie(ctx),
+        addr: backend.addr,
+        port: backend.port,
+        _pad: [0; 6],
+    };
+    let rv = RevNatValue {
+        addr: key.addr,
+        port: key.port,
+        _pad: 0,
+        service_id,
+    };
+    // Unconnected UDP calls this per datagram: skip the write when the entry is already there.
+    if let Some(old) = REV_NAT.get_ptr(&rk) {
+        let old = unsafe { *old };
+        if old.addr == rv.addr && old.port == rv.port {
+            return;
+        }
+    }
+    let _ = REV_NAT.insert(&rk, &rv, 0);
+}
+
+fn refuse() -> i32 {
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REJECT
+}
+
+pub fn connect4(ctx: &SockAddrContext, pick: Pick) -> i32 {
+    let Some(proto) = proto_of(ctx) else {
+        return ALLOW;
+    };
+    let ip4 = load(unsafe { addr_of!((*sa(ctx)).user_ip4) });
+    let key = ServiceKey {
+        addr: v4_mapped(ip4),
+        port: user_port(ctx),
+        proto,
+        _pad: 0,
+    };
+    match balance(ctx, &key, pick) {
+        Outcome::Pass => ALLOW,
+        Outcome::Refuse => refuse(),
+        Outcome::To(b, id) => {
+            // An IPv4 socket cannot reach an IPv6 backend; the agent never pairs them, so just leave it alone.
+            if !is_v4_mapped(&b.addr) {
+                return ALLOW;
+            }
+            remember(ctx, &key, &b, id);
+            store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, b.addr[3]);
+            set_user_port(ctx, b.port);
+            ALLOW
+        }
+    }
+}
+
+/// IPv6 sockets, including v4-mapped destinations (`::ffff:a.b.c.d`), which share the IPv4 service keys.
+pub fn connect6(ctx: &SockAddrContext, pick: Pick) -> i32 {
+    let Some(proto) = proto_of(ctx) else {
+        return ALLOW;
+    };
+    let key = ServiceKey {
+        addr: user_ip6(ctx),
+        port: user_port(ctx),
+        proto,
+        _pad: 0,
+    };
+    match balance(ctx, &key, pick) {
+        Outcome::Pass => ALLOW,
+        Outcome::Refuse => refuse(),
+        Outcome::To(b, id) => {
+            remember(ctx, &key, &b, id);
+            set_user_ip6(ctx, &b.addr);
+            set_user_port(ctx, b.port);
+            ALLOW
+        }
+    }
+}
+
+fn lookup_rev(ctx: &SockAddrContext, addr: [u32; 4]) -> Option<RevNatValue> {
+    let rk = RevNatKey {
+        cookie: cookie(ctx),
+        addr,
+        port: user_port(ctx),
+        _pad: [0; 6],
+    };
+    REV_NAT.get_ptr(&rk).map(|v| unsafe { *v })
+}
+
+/// `getpeername`/`recvmsg` on an IPv4 socket: show the VIP instead of the backend.
+pub fn reverse4(ctx: &SockAddrContext) {
+    let ip4 = load(unsafe { addr_of!((*sa(ctx)).user_ip4) });
+    if let Some(v) = lookup_rev(ctx, v4_mapped(ip4)) {
+        store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, v.addr[3]);
+        set_user_port(ctx, v.port);
+    }
+}
+
+pub fn reverse6(ctx: &SockAddrContext) {
+    if let Some(v) = lookup_rev(ctx, user_ip6(ctx)) {
+        set_user_ip6(ctx, &v.addr);
+        set_user_port(ctx, v.port);
+    }
+}

@@ -1,0 +1,73 @@
+//! Sinew's eBPF programs: connect-time L4 service load balancing.
+//!
+//! Data flow: the agent fills `services` -> `svc_slots` -> `backends`. At `connect()` (and `sendmsg()` for
+//! unconnected UDP) a program looks the destination up in `services`, picks a slot, rewrites the destination to the
+//! backend, and records the VIP in `rev_nat` under the socket cookie so that `getpeername()` and `recvmsg()` can show
+//! the VIP again. Nothing runs per packet.
+//!
+//! The entry points stay thin: each one parses its context and calls into [`lb`].
+#![no_std]
+#![no_main]
+
+mod lb;
+mod maps;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+/// sock_addr programs return 1 to let the syscall proceed.
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    lb::connect4(&ctx, lb::Pick::Random)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    lb::connect6(&ctx, lb::Pick::Random)
+}
+
+/// Unconnected UDP: pick per socket, so one socket keeps talking to one backend while the slots are unchanged.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    lb::connect4(&ctx, lb::Pick::PerSocket)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    lb::connect6(&ctx, lb::Pick::PerSocket)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    lb::reverse4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    lb::reverse6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    lb::reverse4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    lb::reverse6(&ctx);
+    ALLOW
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,968 @@
+//! The file source: a directory of Kubernetes YAML standing in for the API server on one machine.
+//!
+//! Every `*.yaml` / `*.yml` file directly in the directory is a multi-document YAML stream of `v1 Service`,
+//! `discovery.k8s.io/v1 EndpointSlice` and `v1 Pod` objects (a `v1 List` of them also works, as printed by
+//! `kubectl get -o yaml`).
+//!
+//! A file is the unit of acceptance, so that a half-edited file can never half-apply: [`FileSource::load`]
+//! accepts a file only if all of it parses and validates, and otherwise keeps the file's last accepted content
+//! in force. Objects defined in two files are resolved in favour of the file that already held them, so
+//! adding a conflicting file never disturbs what is running. [`Watcher`] tells the agent's poll loop when to
+//! call `load` again.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::{Object, ObjectKey, Snapshot, SourceError};
+use crate::k8s::{EndpointSlice, Pod, Service};
+
+/// What one file yields: all its objects, or every error found in it.
+pub type FileResult = Result<Vec<Object>, Vec<SourceError>>;
+
+/// The file source. It remembers the last accepted content of every file between loads.
+#[derive(Debug)]
+pub struct FileSource {
+    dir: PathBuf,
+    /// The accepted state: for each file, the objects it contributes. Never holds the same object twice.
+    last_good: BTreeMap<PathBuf, Vec<Object>>,
+}
+
+/// Polls a directory for changes to its YAML files, without an inotify dependency.
+#[derive(Debug)]
+pub struct Watcher {
+    dir: PathBuf,
+    last: Option<u64>,
+}
+
+/// A file's content during a load: fresh from disk, or its last accepted content after a rejection.
+struct Content {
+    objects: Vec<Object>,
+    fresh: bool,
+}
+
+impl FileSource {
+    /// A source with nothing accepted yet; the first [`load`](Self::load) reads the directory.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        FileSource {
+            dir: dir.into(),
+            last_good: BTreeMap::new(),
+        }
+    }
+
+    /// The accepted objects, in file order.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for object in self.last_good.values().flatten() {
+            snapshot.push(object.clone());
+        }
+        snapshot
+    }
+
+    /// Reads the directory again and returns the objects now in force, with everything that is rejected.
+    ///
+    /// A file that parses and validates replaces its previous content; a file that fails keeps its last
+    /// accepted content (a new bad file contributes nothing); a deleted file's objects go away. An object in
+    /// two files stays with the file that held it before, or else with the file whose name sorts first; the
+    /// other file is rejected as a whole. Errors are returned on every call for as long as a file is
+    /// rejected. If the directory itself cannot be read, everything accepted so far stays in force.
+    pub fn load(&mut self) -> (Snapshot, Vec<SourceError>) {
+        let files = match read_dir(&self.dir) {
+            Ok(files) => files,
+            Err(e) => return (self.snapshot(), vec![e]),
+        };
+        let mut errors = Vec::new();
+        let mut current = BTreeMap::new();
+        for (path, result) in files {
+            match result {
+                Ok(objects) => {
+                    current.insert(
+                        path,
+                        Content {
+                            objects,
+                            fresh: true,
+                        },
+                    );
+                }
+                Err(file_errors) => {
+                    errors.extend(file_errors);
+                    self.keep_last_good(&mut current, path);
+                }
+            }
+        }
+        self.resolve_duplicates(&mut current, &mut errors);
+        // Stable sort: a file's errors stay in document order.
+        errors.sort_by(|a, b| a.file.cmp(&b.file));
+        self.last_good = current
+            .into_iter()
+            .map(|(path, content)| (path, content.objects))
+            .collect();
+        (self.snapshot(), errors)
+    }
+
+    /// Puts a rejected file's last accepted content (if it has any) back into `current`.
+    fn keep_last_good(&self, current: &mut BTreeMap<PathBuf, Content>, path: PathBuf) {
+        match self.last_good.get(&path) {
+            Some(objects) => {
+                let objects = objects.clone();
+                current.insert(
+                    path,
+                    Content {
+                        objects,
+                        fresh: false,
+                    },
+                );
+            }
+            None => {
+                current.remove(&path);
+            }
+        }
+    }
+
+    /// Rejects files until no object is defined twice.
+    ///
+    /// Each round reverts every losing file to its last accepted content. Terminates because a loser is
+    /// always fresh: last accepted contents never conflict with each other (the accepted state has no
+    /// duplicates), and against a fresh file they win, since they held the object before. Should that ever
+    /// not hold, a losing file that is already reverted is dropped instead, which still makes progress.
+    fn resolve_duplicates(
+        &self,
+        current: &mut BTreeMap<PathBuf, Content>,
+        errors: &mut Vec<SourceError>,
+    ) {
+        loop {
+            let mut holders: BTreeMap<ObjectKey, Vec<&PathBuf>> = BTreeMap::new();
+            for (path, content) in current.iter() {
+                for object in &content.objects {
+                    holders.entry(object.key()).or_default().push(path);
+                }
+            }
+            // loser file -> (object, winner file)
+            let mut losers: BTreeMap<PathBuf, Vec<(ObjectKey, PathBuf)>> = BTreeMap::new();
+            for (key, files) in holders.into_iter().filter(|(_, f)| f.len() > 1) {
+                let held_before = |path: &PathBuf| {
+                    self.last_good
+                        .get(path)
+                        .is_some_and(|objects| objects.iter().any(|o| o.key() == key))
+                };
+                // `files` is in name order, so the fallback is the file that sorts first.
+                let winner = files
+                    .iter()
+                    .copied()
+                    .find(|p| held_before(p))
+                    .unwrap_or(files[0]);
+                for file in files.iter().copied().filter(|&f| f != winner) {
+                    losers
+                        .entry(file.clone())
+                        .or_default()
+                        .push((key.clone(), winner.clone()));
+                }
+            }
+            if losers.is_empty() {
+                return;
+            }
+            for (path, duplicates) in losers {
+                for (key, winner) in duplicates {
+                    let winner = winner.file_name().map_or_else(
+                        || winner.display().to_string(),
+                        |n| n.to_string_lossy().into_owned(),
+                    );
+                    errors.push(SourceError {
+                        file: path.clone(),
+                        object: key.to_string(),
+                        reason: format!("duplicate (also in {winner})"),
+                    });
+                }
+                if current.get(&path).is_some_and(|c| c.fresh) {
+                    self.keep_last_good(current, path);
+                } else {
+                    current.remove(&path);
+                }
+            }
+        }
+    }
+}
+
+impl Watcher {
+    /// A watcher that has seen nothing yet, so its first [`changed`](Self::changed) is true.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Watcher {
+            dir: dir.into(),
+            last: None,
+        }
+    }
+
+    /// Whether the directory's YAML files differ from the last call (always true on the first call).
+    pub fn changed(&mut self) -> bool {
+        let now = fingerprint(&self.dir);
+        let changed = self.last != Some(now);
+        self.last = Some(now);
+        changed
+    }
+}
+
+/// Reads every YAML file directly in `dir`, in name order. A file that vanishes between listing and reading
+/// is left out, as if it had been deleted before. The error is for a directory that cannot be listed.
+pub fn read_dir(dir: &Path) -> Result<BTreeMap<PathBuf, FileResult>, SourceError> {
+    let paths = yaml_files(dir).map_err(|e| SourceError {
+        file: dir.to_owned(),
+        object: "directory".to_owned(),
+        reason: e.to_string(),
+    })?;
+    let mut files = BTreeMap::new();
+    for path in paths {
+        if let Some(result) = read_file(&path) {
+            files.insert(path, result);
+        }
+    }
+    Ok(files)
+}
+
+/// Reads and parses one file; `None` if it does not exist (any more).
+pub fn read_file(path: &Path) -> Option<FileResult> {
+    match fs::read_to_string(path) {
+        Ok(text) => Some(parse_file(path, &text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => Some(Err(vec![SourceError {
+            file: path.to_owned(),
+            object: "file".to_owned(),
+            reason: e.to_string(),
+        }])),
+    }
+}
+
+/// Parses a file's text: a stream of YAML documents, each an object or a `v1 List` of objects. Empty
+/// documents are skipped. `path` is only used to name the file in errors.
+///
+/// Returns every object, or every error: a YAML syntax error ends the stream (the parser cannot resynchronise
+/// after one), but objects that fail to convert or validate are all reported.
+pub fn parse_file(path: &Path, text: &str) -> FileResult {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    let mut error = |object: String, reason: String| {
+        errors.push(SourceError {
+            file: path.to_owned(),
+            object,
+            reason,
+        })
+    };
+    // Where each object was first seen, to name it in a duplicate error.
+    let mut seen: HashMap<ObjectKey, String> = HashMap::new();
+    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let place = format!("document {}", i + 1);
+        let mut value = match Value::deserialize(document) {
+            Ok(value) => value,
+            Err(e) => {
+                error(place, e.to_string());
+                break;
+            }
+        };
+        if let Err(e) = value.apply_merge() {
+            error(place, e.to_string());
+            continue;
+        }
+        let items = match split_list(value) {
+            Ok(items) => items,
+            Err(reason) => {
+                error(place, reason);
+                continue;
+            }
+        };
+        for (item, value) in items {
+            let place = match item {
+                Some(j) => format!("{place} items[{j}]"),
+                None => place.clone(),
+            };
+            let name = describe(&value).unwrap_or_else(|| place.clone());
+            let origin = item.is_none().then_some((text, i));
+            let object = match to_object(value, origin) {
+                Ok(object) => object,
+                Err(reason) => {
+                    error(name, reason);
+                    continue;
+                }
+            };
+            if let Err(reason) = object.validate() {
+                error(name, reason);
+                continue;
+            }
+            let key = object.key();
+            if let Some(first) = seen.get(&key) {
+                error(name, format!("duplicate (also {first} of this file)"));
+                continue;
+            }
+            seen.insert(key, place);
+            objects.push(object);
+        }
+    }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(errors)
+    }
+}
+
+/// A hash of the names, metadata and contents of the YAML files in `dir`. It changes when any of them is
+/// created, deleted, renamed or rewritten, even within the same second at the same size, because the contents
+/// are hashed too (the files are small, so that is cheap at our poll rate).
+///
+/// Metadata follows symlinks, so an atomic swap of a ConfigMap mount's `..data` link is seen as well.
+pub fn fingerprint(dir: &Path) -> u64 {
+    // DefaultHasher::new() uses fixed keys, so fingerprints compare equal across calls.
+    let mut hasher = DefaultHasher::new();
+    match yaml_files(dir) {
+        Err(e) => e.kind().hash(&mut hasher),
+        Ok(paths) => {
+            for path in paths {
+                path.hash(&mut hasher);
+                match fs::metadata(&path) {
+                    Ok(meta) => {
+                        (meta.dev(), meta.ino(), meta.len()).hash(&mut hasher);
+                        (meta.mtime(), meta.mtime_nsec()).hash(&mut hasher);
+                    }
+                    Err(e) => e.kind().hash(&mut hasher),
+                }
+                match fs::read(&path) {
+                    Ok(bytes) => bytes.hash(&mut hasher),
+                    Err(e) => e.kind().hash(&mut hasher),
+                }
+            }
+        }
+    }
+    hasher.finish()
+}
+
+/// The `*.yaml` / `*.yml` regular files (or symlinks to them) directly in `dir`, sorted by name.
+fn yaml_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_yaml = path
+            .extension()
+            .is_some_and(|ext| ext == "yaml" || ext == "yml");
+        // fs::metadata follows symlinks; a dangling one (such as an editor's lock link) is not a file.
+        if is_yaml && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+/// One document's objects, each with its index in `items` when the document is a `v1 List`. An empty
+/// document has none.
+fn split_list(value: Value) -> Result<Vec<(Option<usize>, Value)>, String> {
+    if value.is_null() {
+        return Ok(Vec::new());
+    }
+    if value.get("kind").and_then(Value::as_str) != Some("List") {
+        return Ok(vec![(None, value)]);
+    }
+    if value.get("apiVersion").and_then(Value::as_str) != Some("v1") {
+        return Err("kind List needs apiVersion v1".to_owned());
+    }
+    let items = match value.get("items") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Sequence(items)) => items.clone(),
+        Some(_) => return Err("items is not a list".to_owned()),
+    };
+    let nested = items
+        .iter()
+        .position(|i| i.get("kind").and_then(Value::as_str) == Some("List"));
+    if let Some(j) = nested {
+        return Err(format!("items[{j}]: a List inside a List is not supported"));
+    }
+    Ok(items
+        .into_iter()
+        .enumerate()
+        .map(|(j, v)| (Some(j), v))
+        .collect())
+}
+
+/// `Service default/web` for a document that says what it is, even when it does not convert.
+fn describe(value: &Value) -> Option<String> {
+    let kind = value.get("kind")?.as_str()?;
+    let meta = value.get("metadata")?;
+    let name = meta.get("name")?.as_str()?;
+    let namespace = meta
+        .get("namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    Some(format!("{kind} {namespace}/{name}"))
+}
+
+/// Converts a document to the object its `apiVersion` and `kind` say it is. `origin` is the file's text and
+/// the document's index in it, when the object is a whole document (not an item of a List).
+fn to_object(value: Value, origin: Option<(&str, usize)>) -> Result<Object, String> {
+    if !value.is_mapping() {
+        return Err("not a YAML mapping (expected a Kubernetes object)".to_owned());
+    }
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .ok_or("missing apiVersion")?
+        .to_owned();
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or("missing kind")?
+        .to_owned();
+    let expected = match kind.as_str() {
+        "Service" | "Pod" => "v1",
+        "EndpointSlice" => "discovery.k8s.io/v1",
+        _ => return Err(format!("unsupported kind {kind} ({api_version})")),
+    };
+    if api_version != expected {
+        return Err(format!(
+            "unsupported apiVersion {api_version} for {kind} (expected {expected})"
+        ));
+    }
+    let object = match kind.as_str() {
+        "Service" => serde_yaml::from_value(value).map(Object::Service),
+        "Pod" => serde_yaml::from_value(value).map(Object::Pod),
+        _ => serde_yaml::from_value(value).map(Object::EndpointSlice),
+    };
+    object.map_err(|e| {
+        origin
+            .and_then(|(text, index)| error_in_text(text, index, &kind))
+            .unwrap_or_else(|| e.to_string())
+    })
+}
+
+/// serde_yaml names the field (`spec.ports[0].port: ...`) and the line only when it deserializes from text,
+/// not from a `Value`. So when a document fails to convert, it is read again from the text for the message.
+fn error_in_text(text: &str, index: usize, kind: &str) -> Option<String> {
+    let document = serde_yaml::Deserializer::from_str(text).nth(index)?;
+    let result = match kind {
+        "Service" => Service::deserialize(document).map(drop),
+        "Pod" => Pod::deserialize(document).map(drop),
+        "EndpointSlice" => EndpointSlice::deserialize(document).map(drop),
+        _ => return None,
+    };
+    result.err().map(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A scratch directory under the system temp dir, removed when the test ends, pass or fail.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path =
+                std::env::temp_dir().join(format!("sinew-file-source-{}-{n}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+
+        fn write(&self, name: &str, text: &str) {
+            fs::write(self.0.join(name), text).unwrap();
+        }
+
+        fn remove(&self, name: &str) {
+            fs::remove_file(self.0.join(name)).unwrap();
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn svc(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n"
+        )
+    }
+
+    fn names(snapshot: &Snapshot) -> Vec<String> {
+        snapshot
+            .services
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}={}",
+                    s.metadata.name,
+                    s.spec.cluster_ip.as_deref().unwrap_or("")
+                )
+            })
+            .collect()
+    }
+
+    fn messages(errors: &[SourceError]) -> Vec<String> {
+        errors
+            .iter()
+            .map(|e| {
+                let file = e.file.file_name().unwrap().to_string_lossy();
+                format!("{file}: {}: {}", e.object, e.reason)
+            })
+            .collect()
+    }
+
+    const REALISTIC: &str = r#"
+# The demo's web service, as kubectl would print it (extra fields included).
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  labels: {app: web}
+  resourceVersion: "123"
+  uid: 6f1c
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  internalTrafficPolicy: Cluster
+  ipFamilies: [IPv4]
+  ports:
+    - name: http
+      port: 80
+      targetPort: http
+      protocol: TCP
+  selector:
+    app: web
+status:
+  loadBalancer: {}
+---
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abcde
+  namespace: shop
+  labels:
+    kubernetes.io/service-name: web
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+addressType: IPv4
+endpoints:
+  - addresses: [10.244.0.11]
+    conditions: {ready: true, serving: true, terminating: false}
+    nodeName: node-a
+    zone: zone-1
+    targetRef: {kind: Pod, namespace: shop, name: web-1, uid: 0d2c-41f6}
+ports:
+  - {name: http, port: 8080, protocol: TCP}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {app: web}
+  annotations: {sinew.dev/netns: /run/netns/web-1}
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  containers:
+    - name: app
+      image: nginx
+      ports: [{name: http, containerPort: 8080}]
+status:
+  phase: Running
+  hostIP: 192.168.1.2
+  podIP: 10.244.0.11
+  podIPs: [{ip: 10.244.0.11}]
+  conditions: [{type: Ready, status: "True"}]
+"#;
+
+    #[test]
+    fn parses_a_realistic_stream() {
+        let objects = parse_file(Path::new("demo.yaml"), REALISTIC).unwrap();
+        let keys: Vec<String> = objects.iter().map(|o| o.key().to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "Service shop/web",
+                "EndpointSlice shop/web-abcde",
+                "Pod shop/web-1"
+            ]
+        );
+        let Object::EndpointSlice(slice) = &objects[1] else {
+            panic!("not a slice")
+        };
+        let endpoint = &slice.endpoints[0];
+        assert_eq!(endpoint.conditions.serving, Some(true));
+        assert_eq!(endpoint.zone.as_deref(), Some("zone-1"));
+        assert_eq!(
+            endpoint.target_ref.as_ref().unwrap().name.as_deref(),
+            Some("web-1")
+        );
+        let Object::Pod(pod) = &objects[2] else {
+            panic!("not a pod")
+        };
+        assert_eq!(pod.service_account(), "web");
+        assert_eq!(pod.spec.node_name.as_deref(), Some("node-a"));
+    }
+
+    #[test]
+    fn empty_and_comment_only_files_are_valid() {
+        for text in ["", "# nothing\n", "---\n---\n", "---\n# c\n...\n"] {
+            assert_eq!(
+                parse_file(Path::new("e.yaml"), text),
+                Ok(vec![]),
+                "{text:?}"
+            );
+        }
+    }
+
+    fn parse_errors(text: &str) -> Vec<String> {
+        messages(&parse_file(Path::new("/d/f.yaml"), text).unwrap_err())
+    }
+
+    #[test]
+    fn rejects_bad_yaml_naming_the_document() {
+        let errors = parse_errors(&format!(
+            "{}apiVersion: v1\nkind: [unclosed\n",
+            svc("a", "10.96.0.1")
+        ));
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with("f.yaml: document 2: "), "{errors:?}");
+    }
+
+    #[test]
+    fn rejects_unknown_kinds_and_versions() {
+        let errors = parse_errors(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n---\n\
+             apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\n---\n\
+             kind: Service\nmetadata: {name: nov}\n---\n\
+             apiVersion: v1\nmetadata: {name: nokind}\n---\n\
+             - just a list\n",
+        );
+        assert_eq!(
+            errors,
+            [
+                "f.yaml: Deployment default/web: unsupported kind Deployment (apps/v1)",
+                "f.yaml: EndpointSlice default/s: unsupported apiVersion discovery.k8s.io/v1beta1 for EndpointSlice (expected discovery.k8s.io/v1)",
+                "f.yaml: Service default/nov: missing apiVersion",
+                "f.yaml: document 4: missing kind",
+                "f.yaml: document 5: not a YAML mapping (expected a Kubernetes object)",
+            ]
+        );
+    }
+
+    #[test]
+    fn reports_every_invalid_object_by_name() {
+        let text = [
+            svc("ok", "10.96.0.1"),
+            svc("bad", "10.96.0.999"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: sctp, namespace: x}\nspec: {ports: [{port: 80, protocol: SCTP}]}\n---\n".into(),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: noport}\nspec: {ports: [{name: a}]}\n---\n".into(),
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\n---\n".into(),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: nope}\n".into(),
+        ]
+        .concat();
+        let errors = parse_errors(&text);
+        assert_eq!(errors.len(), 5, "{errors:?}");
+        assert_eq!(
+            errors[0],
+            "f.yaml: Service default/bad: spec.clusterIP: \"10.96.0.999\" is not an IP address"
+        );
+        assert_eq!(
+            errors[1],
+            "f.yaml: Service x/sctp: spec.ports[0]: unsupported protocol SCTP"
+        );
+        assert!(
+            errors[2].starts_with("f.yaml: Service default/noport: "),
+            "{}",
+            errors[2]
+        );
+        assert!(errors[2].contains("missing field `port`"), "{}", errors[2]);
+        assert_eq!(
+            errors[3],
+            "f.yaml: EndpointSlice default/s: missing label kubernetes.io/service-name"
+        );
+        assert_eq!(
+            errors[4],
+            "f.yaml: Pod default/p: status.podIP: \"nope\" is not an IP address"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_field_and_line() {
+        let text = [
+            svc("a", "10.96.0.1"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec:\n  ports:\n    - port: eighty\n".into(),
+        ]
+        .concat();
+        let errors = parse_errors(&text);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].starts_with("f.yaml: Service default/b: spec.ports[0].port: invalid type"),
+            "{errors:?}"
+        );
+        assert!(errors[0].ends_with("at line 11 column 13"), "{errors:?}");
+    }
+
+    #[test]
+    fn rejects_duplicates_inside_one_file() {
+        let errors = parse_errors(
+            &[
+                svc("a", "10.96.0.1"),
+                svc("b", "10.96.0.2"),
+                svc("a", "10.96.0.3"),
+            ]
+            .concat(),
+        );
+        assert_eq!(
+            errors,
+            ["f.yaml: Service default/a: duplicate (also document 1 of this file)"]
+        );
+        // Same name, different kind or namespace: different objects.
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n---\n";
+        let other_ns = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: b}\n";
+        let text = [svc("a", "10.96.0.1"), pod.into(), other_ns.into()].concat();
+        assert_eq!(parse_file(Path::new("f.yaml"), &text).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn list_kind_is_flattened() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n  - apiVersion: v1\n    kind: Service\n    metadata: {name: a}\n  - apiVersion: v1\n    kind: Pod\n    metadata: {name: p}\n---\napiVersion: v1\nkind: List\nitems: []\n";
+        let objects = parse_file(Path::new("l.yaml"), text).unwrap();
+        assert_eq!(objects.len(), 2);
+        let errors = parse_errors(
+            "apiVersion: v1\nkind: List\nitems:\n  - apiVersion: v1\n    kind: Service\n    metadata: {name: a}\n  - {apiVersion: v1, kind: Service, spec: {}}\n",
+        );
+        assert_eq!(
+            errors,
+            ["f.yaml: document 1 items[1]: metadata.name is empty"]
+        );
+        let errors =
+            parse_errors("apiVersion: v1\nkind: List\nitems: [{apiVersion: v1, kind: List}]\n");
+        assert_eq!(
+            errors,
+            ["f.yaml: document 1: items[0]: a List inside a List is not supported"]
+        );
+    }
+
+    #[test]
+    fn yaml_merge_keys_are_applied() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports:\n    - &base {port: 80, protocol: UDP}\n    - <<: *base\n      name: b\n      port: 81\n";
+        let objects = parse_file(Path::new("m.yaml"), text).unwrap();
+        let Object::Service(s) = &objects[0] else {
+            panic!()
+        };
+        assert_eq!(s.spec.ports[1].protocol, "UDP");
+    }
+
+    #[test]
+    fn reads_only_yaml_files_in_name_order() {
+        let dir = TempDir::new();
+        dir.write("b.yml", &svc("b", "10.96.0.2"));
+        dir.write("a.yaml", &svc("a", "10.96.0.1"));
+        dir.write("c.json", "{}");
+        dir.write("README", "not yaml");
+        fs::create_dir(dir.0.join("sub.yaml")).unwrap();
+        fs::write(dir.0.join("sub.yaml/x.yaml"), svc("x", "10.96.0.9")).unwrap();
+        let mut source = FileSource::new(&dir.0);
+        let (snapshot, errors) = source.load();
+        assert_eq!(errors, []);
+        assert_eq!(names(&snapshot), ["a=10.96.0.1", "b=10.96.0.2"]);
+    }
+
+    #[test]
+    fn a_bad_file_keeps_its_last_good_content() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write("a.yaml", &svc("a", "10.96.0.1"));
+        dir.write("b.yaml", &svc("b", "10.96.0.2"));
+        let (snapshot, errors) = source.load();
+        assert_eq!((names(&snapshot).len(), errors.len()), (2, 0));
+
+        // One bad object rejects all of a.yaml, including its good edit; b.yaml changes normally.
+        dir.write(
+            "a.yaml",
+            &[svc("a", "10.96.0.11"), svc("a2", "bad")].concat(),
+        );
+        dir.write("b.yaml", &svc("b", "10.96.0.22"));
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["a=10.96.0.1", "b=10.96.0.22"]);
+        assert_eq!(
+            messages(&errors),
+            ["a.yaml: Service default/a2: spec.clusterIP: \"bad\" is not an IP address"]
+        );
+
+        // Rejected again on every load while it stays bad, still with the old content in force.
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["a=10.96.0.1", "b=10.96.0.22"]);
+        assert_eq!(errors.len(), 1);
+
+        // Fixed: accepted.
+        dir.write("a.yaml", &svc("a", "10.96.0.111"));
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["a=10.96.0.111", "b=10.96.0.22"]);
+        assert_eq!(errors, []);
+    }
+
+    #[test]
+    fn a_new_bad_file_contributes_nothing() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write("a.yaml", &svc("a", "10.96.0.1"));
+        dir.write(
+            "new.yaml",
+            &[svc("n", "10.96.0.5"), "kind: [".into()].concat(),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["a=10.96.0.1"]);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].file, dir.0.join("new.yaml"));
+    }
+
+    #[test]
+    fn deleted_files_take_their_objects_away() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write("a.yaml", &svc("a", "10.96.0.1"));
+        dir.write("b.yaml", &svc("b", "10.96.0.2"));
+        source.load();
+        dir.remove("a.yaml");
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["b=10.96.0.2"]);
+        assert_eq!(errors, []);
+        // A deleted file that was bad when it went leaves nothing behind either.
+        dir.write("b.yaml", "kind: [");
+        assert_eq!(names(&source.load().0), ["b=10.96.0.2"]);
+        dir.remove("b.yaml");
+        let (snapshot, errors) = source.load();
+        assert_eq!(snapshot, Snapshot::default());
+        assert_eq!(errors, []);
+    }
+
+    #[test]
+    fn duplicate_across_files_first_name_wins_when_both_are_new() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write("a.yaml", &svc("web", "10.96.0.1"));
+        dir.write(
+            "b.yaml",
+            &[svc("web", "10.96.0.2"), svc("other", "10.96.0.3")].concat(),
+        );
+        let (snapshot, errors) = source.load();
+        // b.yaml is rejected as a whole, so `other` is not in force either.
+        assert_eq!(names(&snapshot), ["web=10.96.0.1"]);
+        assert_eq!(
+            messages(&errors),
+            ["b.yaml: Service default/web: duplicate (also in a.yaml)"]
+        );
+    }
+
+    #[test]
+    fn duplicate_across_files_the_previous_holder_wins() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write("b.yaml", &svc("web", "10.96.0.2"));
+        source.load();
+        // a.yaml sorts first, but b.yaml already holds web: a.yaml is the one rejected.
+        dir.write(
+            "a.yaml",
+            &[svc("web", "10.96.0.1"), svc("extra", "10.96.0.4")].concat(),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["web=10.96.0.2"]);
+        assert_eq!(
+            messages(&errors),
+            ["a.yaml: Service default/web: duplicate (also in b.yaml)"]
+        );
+        // Moving the object: remove it from b.yaml and a.yaml takes over.
+        dir.write("b.yaml", "");
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["web=10.96.0.1", "extra=10.96.0.4"]);
+        assert_eq!(errors, []);
+    }
+
+    #[test]
+    fn duplicate_against_a_rejected_files_last_good_content() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write("b.yaml", &svc("web", "10.96.0.2"));
+        source.load();
+        // b.yaml goes bad, so its old `web` stays in force, and a.yaml's copy of web loses to it.
+        dir.write("b.yaml", "kind: [");
+        dir.write("a.yaml", &svc("web", "10.96.0.1"));
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["web=10.96.0.2"]);
+        let errors = messages(&errors);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(
+            errors[0],
+            "a.yaml: Service default/web: duplicate (also in b.yaml)"
+        );
+        assert!(errors[1].starts_with("b.yaml: document 1: "));
+    }
+
+    #[test]
+    fn duplicate_rejection_cascades_until_stable() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write("b.yaml", &svc("x", "10.96.0.1"));
+        source.load();
+        // b.yaml now also defines y, which a.yaml (sorting first) defines too: b.yaml's new content loses,
+        // and b.yaml's old content (x) stays, which in turn beats c.yaml's copy of x.
+        dir.write("a.yaml", &svc("y", "10.96.0.2"));
+        dir.write(
+            "b.yaml",
+            &[svc("x", "10.96.0.1"), svc("y", "10.96.0.3")].concat(),
+        );
+        dir.write("c.yaml", &svc("x", "10.96.0.4"));
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["y=10.96.0.2", "x=10.96.0.1"]);
+        assert_eq!(
+            messages(&errors),
+            [
+                "b.yaml: Service default/y: duplicate (also in a.yaml)",
+                "c.yaml: Service default/x: duplicate (also in b.yaml)",
+            ]
+        );
+    }
+
+    #[test]
+    fn unreadable_directory_keeps_everything() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(dir.0.join("src"));
+        fs::create_dir(dir.0.join("src")).unwrap();
+        dir.write("src/a.yaml", &svc("a", "10.96.0.1"));
+        source.load();
+        fs::rename(dir.0.join("src"), dir.0.join("moved")).unwrap();
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["a=10.96.0.1"]);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].object, "directory");
+    }
+
+    #[test]
+    fn watcher_sees_every_kind_of_change() {
+        let dir = TempDir::new();
+        let mut watcher = Watcher::new(&dir.0);
+        assert!(watcher.changed(), "first poll always loads");
+        assert!(!watcher.changed());
+        dir.write("a.yaml", "x: 1\n");
+        assert!(watcher.changed(), "created");
+        assert!(!watcher.changed());
+        // Same size, written at once: only the contents tell.
+        dir.write("a.yaml", "x: 2\n");
+        assert!(watcher.changed(), "rewritten, same size");
+        dir.write("notes.txt", "ignored");
+        assert!(!watcher.changed(), "non-YAML files are ignored");
+        fs::rename(dir.0.join("a.yaml"), dir.0.join("b.yaml")).unwrap();
+        assert!(watcher.changed(), "renamed");
+        dir.remove("b.yaml");
+        assert!(watcher.changed(), "deleted");
+        assert!(!watcher.changed());
+        assert_eq!(fingerprint(&dir.0), fingerprint(&dir.0));
+    }
+}

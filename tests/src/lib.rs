@@ -1,1 +1,62 @@
+//! Sinew's privileged end-to-end harness: simulated nodes and pods in network namespaces, each node with its own
+//! cgroup root, bpffs directory and `mesh-agent`.
+//!
+//! Used by the integration tests in `tests/tests/` and by `cargo xtask demo` / `cargo xtask bench`.
+//!
+//! How the pieces fit:
+//! - [`require_privileged`] gates every privileged test (loud skip locally, panic under `CI`).
+//! - [`Topology`] builds nodes ([`Node`]: netns + bridge + cgroup root + bpffs dir) and pods ([`Pod`]: netns + veth
+//!   into the node bridge + child cgroup). Everything is an RAII guard ([`Netns`], [`Veth`], [`Cgroup`], [`Bpffs`],
+//!   [`Proc`]) and is removed on drop, also when a test panics.
+//! - [`Pod::command`] / [`Pod::spawn`] run a process inside a pod (cgroup first, then netns); [`Pod::serve`],
+//!   [`Pod::tcp_connect`], [`Pod::udp_send`] and [`Pod::run_json`] drive the `sinew-testpod` tool, whose reports
+//!   are in [`testpod`].
+//! - [`SourceDir`] and the builders in [`manifest`] write the Kubernetes objects the agent's file source reads.
+//! - [`Agent`] runs `mesh-agent run` for a node and reads `/readyz` and `/metrics` ([`Metrics`]); [`AgentCli`] runs
+//!   `status`, `dump services` and `uninstall`.
+//! - [`eventually`] is the only way to wait for a condition.
+//! - [`scenario::LbFixture`] is the standard "client + N backends + Service + agent" setup.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use sinew_tests::{Topology, require_privileged};
+//! if require_privileged("example") {
+//!     let topo = Topology::builder("example").node("node-a", &["client", "server"]).build().unwrap();
+//!     let server = topo.pod("server");
+//!     let _srv = server.serve(8080, "server").unwrap();
+//!     let report = topo.pod("client").tcp_connect(&format!("{}:8080", server.ip4), 5, 0, 1000).unwrap();
+//!     assert_eq!(report.ok, 5);
+//! }
+//! ```
+#![deny(missing_docs)]
 
+pub mod agent;
+pub mod guards;
+pub mod manifest;
+pub mod privileged;
+pub mod process;
+pub mod scenario;
+pub mod sys;
+pub mod testpod;
+pub mod topology;
+pub mod util;
+
+pub use agent::{
+    Agent, AgentCli, AgentOptions, AgentStatus, DumpedService, Metrics, agent_bin,
+    default_testpod_bin, free_port, http_get,
+};
+pub use guards::{Bpffs, Cgroup, Netns, Veth, ensure_bpffs_mounted};
+pub use manifest::{EndpointSlice, PodManifest, Service, ServicePort, SourceDir};
+pub use privileged::{require_privileged, sweep_stale};
+pub use process::{Proc, ProcOutput};
+pub use topology::{Node, Pod, Topology, TopologyBuilder};
+pub use util::{eventually, unix_ms, workspace_root};
+
+/// The `sinew-testpod` binary built for this test crate. Only usable from integration tests, benches and binaries
+/// of this package (Cargo sets `CARGO_BIN_EXE_*` there); other crates use [`default_testpod_bin`].
+#[macro_export]
+macro_rules! testpod_bin {
+    () => {
+        ::std::path::Path::new(env!("CARGO_BIN_EXE_sinew-testpod"))
+    };
+}

@@ -1,0 +1,790 @@
+//! Simulated nodes and pods built from network namespaces, veth pairs, a bridge and cgroups.
+//!
+//! ```text
+//!             node netns "<id>-<node>"  (ip_forward=1)
+//!   ┌─────────────────────────────────────────────────────┐
+//!   │ br0 10.244.<i>.1/24 [fd00:244:<i>::1/64]             │ ul0 172.30.0.<i+1>/24 ── underlay bridge
+//!   │   ├ veth0 ── eth0 10.244.<i>.10  pod netns "<id>-<p>" │    (only with two or more nodes; routes to the
+//!   │   └ veth1 ── eth0 10.244.<i>.11  ...                 │     other nodes' pod subnets go through it)
+//!   └─────────────────────────────────────────────────────┘
+//!   cgroup /sys/fs/cgroup/unified/<id>-<node>/pod-<p>   (the node's cgroup root is the agent's --cgroup-root)
+//!   bpffs  /sys/fs/bpf/<id>-<node>/sinew                (the agent's --bpffs-root)
+//! ```
+//!
+//! Every test builds its own topology. Addresses repeat between topologies on purpose: each lives in its own
+//! namespaces and the agents' programs only see their own cgroup subtree, so parallel tests cannot collide. Nothing
+//! is created in, attached to or routed through the root network namespace or the host's cgroup root.
+//!
+//! [`Pod`] is a cheap handle (names, addresses, paths); the kernel objects are owned by the [`Topology`] and
+//! removed when it drops: processes are killed through the cgroups first, then pins are uninstalled, then cgroups,
+//! pods and nodes are deleted.
+
+use std::ffi::OsStr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::de::DeserializeOwned;
+
+use crate::guards::{Bpffs, Cgroup, Netns, Veth};
+use crate::manifest::SourceDir;
+use crate::process::{Proc, ProcOutput};
+use crate::testpod::{ConnectReport, ServeReady, UdpReport};
+use crate::util::unique_id;
+
+/// How long links may take to become operationally up (the kernel batches these updates about once a second).
+const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Kubernetes namespace given to pods unless changed.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Builds a [`Topology`]. Nodes and their initial pods are declared up front; pods can be added later with
+/// [`Topology::add_pod`].
+#[derive(Debug, Clone)]
+pub struct TopologyBuilder {
+    name: String,
+    testpod: Option<PathBuf>,
+    ipv6: bool,
+    nodes: Vec<(String, Vec<String>)>,
+}
+
+impl TopologyBuilder {
+    /// Adds a node with the given pods (pod names are unique across the whole topology).
+    pub fn node(mut self, name: &str, pods: &[&str]) -> Self {
+        self.nodes.push((
+            name.to_string(),
+            pods.iter().map(|p| p.to_string()).collect(),
+        ));
+        self
+    }
+
+    /// Also gives bridges and pods IPv6 addresses (`fd00:244:<node>::/64`). Off by default.
+    pub fn ipv6(mut self, on: bool) -> Self {
+        self.ipv6 = on;
+        self
+    }
+
+    /// The `sinew-testpod` binary pods run. Integration tests pass `testpod_bin!()`; defaults to
+    /// [`crate::default_testpod_bin`].
+    pub fn testpod_bin(mut self, path: impl Into<PathBuf>) -> Self {
+        self.testpod = Some(path.into());
+        self
+    }
+
+    /// Creates every namespace, link, address, route, cgroup and bpffs directory.
+    pub fn build(self) -> Result<Topology> {
+        let testpod = self.testpod.unwrap_or_else(crate::default_testpod_bin);
+        if !testpod.exists() {
+            bail!(
+                "test pod binary {} not found (build it with `cargo build -p sinew-tests --bin sinew-testpod` \
+                 or set SINEW_TESTPOD_BIN)",
+                testpod.display()
+            );
+        }
+        if self.nodes.is_empty() {
+            bail!("a topology needs at least one node");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for n in self
+            .nodes
+            .iter()
+            .flat_map(|(n, pods)| std::iter::once(n).chain(pods))
+        {
+            check_name(n)?;
+            if !seen.insert(n.clone()) {
+                bail!("name {n:?} used twice (node and pod names share one namespace)");
+            }
+        }
+        if self.nodes.len() > 200 {
+            bail!("too many nodes");
+        }
+        let id = unique_id();
+        let work_dir = std::env::temp_dir()
+            .join("sinew-tests")
+            .join(format!("{id}-{}", self.name));
+        std::fs::create_dir_all(&work_dir)
+            .with_context(|| format!("mkdir {}", work_dir.display()))?;
+        let mut topo = Topology {
+            id: id.clone(),
+            name: self.name.clone(),
+            work_dir: work_dir.clone(),
+            testpod: testpod.clone(),
+            ipv6: self.ipv6,
+            nodes: Vec::new(),
+            underlay: None,
+            underlay_veths: Vec::new(),
+        };
+        for (i, (name, _)) in self.nodes.iter().enumerate() {
+            let multi = self.nodes.len() > 1;
+            let node = Node::new(&id, i, name, self.ipv6, multi, &work_dir, &testpod)
+                .with_context(|| format!("creating node {name}"))?;
+            topo.nodes.push(node);
+        }
+        if topo.nodes.len() > 1 {
+            topo.connect_nodes().context("creating the underlay")?;
+        }
+        for (name, pods) in &self.nodes {
+            for p in pods {
+                topo.create_pod(name, p)?;
+            }
+        }
+        // Wait once for all links instead of once per pod: the kernel marks them up in batches.
+        topo.wait_links_up()?;
+        Ok(topo)
+    }
+}
+
+fn check_name(n: &str) -> Result<()> {
+    let ok = !n.is_empty()
+        && n.len() <= 20
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !n.starts_with('-');
+    if !ok {
+        bail!(
+            "name {n:?}: use 1-20 of [a-z0-9-] (it is part of netns, cgroup and Kubernetes names)"
+        );
+    }
+    Ok(())
+}
+
+/// A set of simulated nodes and pods, removed on drop.
+#[derive(Debug)]
+pub struct Topology {
+    id: String,
+    name: String,
+    work_dir: PathBuf,
+    testpod: PathBuf,
+    ipv6: bool,
+    nodes: Vec<Node>,
+    underlay: Option<Netns>,
+    underlay_veths: Vec<Veth>,
+}
+
+impl Topology {
+    /// Starts describing a topology. `name` (usually the test's name) only labels the work directory.
+    pub fn builder(name: &str) -> TopologyBuilder {
+        TopologyBuilder {
+            name: name.to_string(),
+            testpod: None,
+            ipv6: false,
+            nodes: Vec::new(),
+        }
+    }
+
+    /// The unique id `snw<pid>-<n>` that prefixes every kernel object name of this topology.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A per-topology scratch directory (logs, manifests). Removed on drop unless the thread is panicking, so a
+    /// failed test's logs stay for inspection.
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    /// The manifest directory shared by all nodes' agents (`<work_dir>/manifests`), like one API server.
+    pub fn source_dir(&self) -> Result<SourceDir> {
+        SourceDir::new(self.work_dir.join("manifests"))
+    }
+
+    /// The `sinew-testpod` binary its pods run.
+    pub fn testpod_bin(&self) -> &Path {
+        &self.testpod
+    }
+
+    /// All nodes, in declaration order.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The node named `name`. Panics if there is none.
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("topology {}: no node {name:?}", self.name))
+    }
+
+    /// The pod named `name` on any node. Panics if there is none.
+    pub fn pod(&self, name: &str) -> Pod {
+        self.nodes
+            .iter()
+            .find_map(|n| n.pod(name))
+            .unwrap_or_else(|| panic!("topology {}: no pod {name:?}", self.name))
+    }
+
+    /// Creates a pod on `node` and returns its handle once its links are up.
+    pub fn add_pod(&self, node: &str, name: &str) -> Result<Pod> {
+        let pod = self.create_pod(node, name)?;
+        self.wait_links_up()?;
+        Ok(pod)
+    }
+
+    /// Waits until every veth of every namespace in the topology is operationally up.
+    fn wait_links_up(&self) -> Result<()> {
+        for n in &self.nodes {
+            n.netns().wait_veths_up(LINK_UP_TIMEOUT)?;
+            for p in n.pods() {
+                n.pod_netns_wait(&p)?;
+            }
+        }
+        if let Some(ul) = &self.underlay {
+            ul.wait_veths_up(LINK_UP_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    fn create_pod(&self, node: &str, name: &str) -> Result<Pod> {
+        check_name(name)?;
+        if self
+            .nodes
+            .iter()
+            .any(|n| n.name == name || n.pod(name).is_some())
+        {
+            bail!("pod name {name:?} already used");
+        }
+        self.node(node)
+            .add_pod(name)
+            .with_context(|| format!("creating pod {name} on {node}"))
+    }
+
+    /// Joins the nodes through an underlay bridge and routes each node's pod subnet via its node address.
+    fn connect_nodes(&mut self) -> Result<()> {
+        let ul = Netns::new(&format!("{}-ul", self.id))?;
+        ul.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        ul.ip(&["link", "set", "br0", "up"])?;
+        self.underlay = Some(ul);
+        let ul = self.underlay.as_ref().expect("just set");
+        for node in &self.nodes {
+            let ns = node.netns();
+            let peer = format!("n{}", node.index);
+            let v = Veth::new(ns, "ul0", ul, &peer)?;
+            self.underlay_veths.push(v);
+            ul.ip(&["link", "set", &peer, "master", "br0", "up"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", node.node_ip4),
+                "dev",
+                "ul0",
+            ])?;
+            if self.ipv6 {
+                ns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{}/64", node.underlay_ip6()),
+                    "dev",
+                    "ul0",
+                    "nodad",
+                ])?;
+            }
+            ns.ip(&["link", "set", "ul0", "up"])?;
+        }
+        for node in &self.nodes {
+            for other in self.nodes.iter().filter(|o| o.index != node.index) {
+                let via = other.node_ip4.to_string();
+                node.netns()
+                    .ip(&["route", "add", &other.pod_cidr4(), "via", &via])?;
+                if self.ipv6 {
+                    let via6 = other.underlay_ip6().to_string();
+                    node.netns()
+                        .ip(&["-6", "route", "add", &other.pod_cidr6(), "via", &via6])?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Nodes first (they kill their processes and uninstall), then the underlay they were plugged into.
+        self.nodes.clear();
+        self.underlay_veths.clear();
+        self.underlay = None;
+        if std::thread::panicking() {
+            eprintln!(
+                "sinew-tests: test failed; logs kept in {}",
+                self.work_dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.work_dir);
+        }
+    }
+}
+
+struct PodGuards {
+    // Field order is drop order: the veth before the namespace holding its peer.
+    _veth: Veth,
+    _netns: Netns,
+}
+
+impl std::fmt::Debug for PodGuards {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PodGuards")
+    }
+}
+
+#[derive(Debug, Default)]
+struct NodePods {
+    pods: Vec<Pod>,
+    guards: Vec<PodGuards>,
+}
+
+/// One simulated node: a network namespace with a bridge for its pods, a cgroup root and a bpffs directory.
+#[derive(Debug)]
+pub struct Node {
+    id: String,
+    name: String,
+    index: usize,
+    multi: bool,
+    ipv6: bool,
+    node_ip4: Ipv4Addr,
+    work_dir: PathBuf,
+    testpod: PathBuf,
+    pods: Mutex<NodePods>,
+    // Taken apart in a fixed order in Drop; `Option` only so that Drop can move them out.
+    bpffs: Option<Bpffs>,
+    cgroup: Option<Cgroup>,
+    netns: Option<Netns>,
+}
+
+impl Node {
+    fn new(
+        id: &str,
+        index: usize,
+        name: &str,
+        ipv6: bool,
+        multi: bool,
+        work_dir: &Path,
+        testpod: &Path,
+    ) -> Result<Node> {
+        let netns = Netns::new(&format!("{id}-{name}"))?;
+        let cgroup = Cgroup::new(&format!("{id}-{name}"))?;
+        let bpffs = Bpffs::new(&format!("{id}-{name}"), Some(cgroup.path()))?;
+        let node = Node {
+            id: id.to_string(),
+            name: name.to_string(),
+            index,
+            multi,
+            ipv6,
+            node_ip4: Ipv4Addr::new(172, 30, 0, index as u8 + 1),
+            work_dir: work_dir.join(name),
+            testpod: testpod.to_path_buf(),
+            pods: Mutex::new(NodePods::default()),
+            bpffs: Some(bpffs),
+            cgroup: Some(cgroup),
+            netns: Some(netns),
+        };
+        std::fs::create_dir_all(&node.work_dir)?;
+        let ns = node.netns();
+        if ipv6 {
+            no_dad(ns)?;
+        }
+        ns.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", node.bridge_ip4()),
+            "dev",
+            "br0",
+        ])?;
+        if ipv6 {
+            // nodad: duplicate address detection would keep the address unusable for a second or two.
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", node.bridge_ip6()),
+                "dev",
+                "br0",
+                "nodad",
+            ])?;
+        }
+        ns.ip(&["link", "set", "br0", "up"])?;
+        // New namespaces start with forwarding off here (kernel notes); the node routes between pods and nodes.
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        if ipv6 {
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
+        Ok(node)
+    }
+
+    fn add_pod(&self, name: &str) -> Result<Pod> {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let k = pods.pods.len();
+        if k >= 240 {
+            bail!("node {}: at most 240 pods", self.name);
+        }
+        let netns = Netns::new(&format!("{}-{name}", self.id))?;
+        if self.ipv6 {
+            // Before eth0 is created in it, so eth0 inherits the default.
+            no_dad(&netns)?;
+        }
+        let host_if = format!("veth{k}");
+        let veth = Veth::new(self.netns(), &host_if, &netns, "eth0")?;
+        let guards = PodGuards {
+            _veth: veth,
+            _netns: netns,
+        };
+        let ns = &guards._netns;
+        self.netns()
+            .ip(&["link", "set", &host_if, "master", "br0", "up"])?;
+        let ip4 = Ipv4Addr::new(10, 244, self.index as u8, 10 + k as u8);
+        ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+        let ip6 = if self.ipv6 {
+            let a: Ipv6Addr = format!("fd00:244:{}::{}", self.index, 10 + k).parse()?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            Some(a)
+        } else {
+            None
+        };
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.bridge_ip4().to_string(),
+        ])?;
+        if self.ipv6 {
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &self.bridge_ip6().to_string(),
+            ])?;
+        }
+        let cgroup = self.cgroup().child(&format!("pod-{name}"))?;
+        let pod = Pod {
+            name: name.to_string(),
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            node: self.name.clone(),
+            ip4,
+            ip6,
+            host_ip: self.host_ip(),
+            netns_name: ns.name().to_string(),
+            cgroup,
+            testpod: self.testpod.clone(),
+            log_dir: self.work_dir.join("pods"),
+        };
+        pods.guards.push(guards);
+        pods.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    fn pod_netns_wait(&self, pod: &Pod) -> Result<()> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        match pods
+            .guards
+            .iter()
+            .find(|g| g._netns.name() == pod.netns_name)
+        {
+            Some(g) => g._netns.wait_veths_up(LINK_UP_TIMEOUT),
+            None => Ok(()),
+        }
+    }
+
+    /// The node's name (the agent's `--node`, the pods' `spec.nodeName`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The node's network namespace.
+    pub fn netns(&self) -> &Netns {
+        self.netns.as_ref().expect("node alive")
+    }
+
+    /// The node's cgroup root (the agent's `--cgroup-root`); pods are its children `pod-<name>`.
+    pub fn cgroup_root(&self) -> &Path {
+        self.cgroup().path()
+    }
+
+    fn cgroup(&self) -> &Cgroup {
+        self.cgroup.as_ref().expect("node alive")
+    }
+
+    /// The bpffs directory guard (`/sys/fs/bpf/<id>-<node>`).
+    pub fn bpffs(&self) -> &Bpffs {
+        self.bpffs.as_ref().expect("node alive")
+    }
+
+    /// The agent's `--bpffs-root`: `/sys/fs/bpf/<id>-<node>/sinew`.
+    pub fn bpffs_root(&self) -> PathBuf {
+        self.bpffs().agent_root()
+    }
+
+    /// This node's scratch directory (agent log, pod logs).
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    /// The bridge (pods' gateway) address `10.244.<i>.1`.
+    pub fn bridge_ip4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.index as u8, 1)
+    }
+
+    /// The bridge's IPv6 address `fd00:244:<i>::1` (only configured with IPv6 on).
+    pub fn bridge_ip6(&self) -> Ipv6Addr {
+        format!("fd00:244:{}::1", self.index)
+            .parse()
+            .expect("valid literal")
+    }
+
+    fn underlay_ip6(&self) -> Ipv6Addr {
+        format!("fd00:30::{}", self.index + 1)
+            .parse()
+            .expect("valid literal")
+    }
+
+    /// The pod subnet, `10.244.<i>.0/24`.
+    pub fn pod_cidr4(&self) -> String {
+        format!("10.244.{}.0/24", self.index)
+    }
+
+    /// The IPv6 pod subnet, `fd00:244:<i>::/64`.
+    pub fn pod_cidr6(&self) -> String {
+        format!("fd00:244:{}::/64", self.index)
+    }
+
+    /// The node's address as pods' `status.hostIP`: its underlay address `172.30.0.<i+1>` when there are several
+    /// nodes, else the bridge address.
+    pub fn host_ip(&self) -> Ipv4Addr {
+        if self.multi {
+            self.node_ip4
+        } else {
+            self.bridge_ip4()
+        }
+    }
+
+    /// Handles of this node's pods.
+    pub fn pods(&self) -> Vec<Pod> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pods
+            .clone()
+    }
+
+    /// The pod named `name` on this node.
+    pub fn pod(&self, name: &str) -> Option<Pod> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .cloned()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // 1. No process may outlive the test, and none may hold a pod netns open.
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.kill_all() {
+                eprintln!("sinew-tests: cleanup: {e:#}");
+            }
+        }
+        // 2. Uninstall while the cgroup root still exists (uninstall detaches from it), then remove the pins.
+        self.bpffs = None;
+        // 3. Cgroups, then pods (veth + netns), then the node namespace.
+        self.cgroup = None;
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .guards
+            .clear();
+        self.netns = None;
+    }
+}
+
+/// Turns off IPv6 duplicate address detection for interfaces created later in `ns`.
+///
+/// `nodad` on our addresses is not enough: a router sends the neighbour solicitation for a *forwarded* packet from
+/// its link-local address, and while that is still tentative (DAD takes a second or two) no solicitation goes out at
+/// all, so the first connections across nodes would time out.
+fn no_dad(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    ns.sysctl("net.ipv6.conf.default.accept_dad", "0")
+}
+
+/// A handle to a pod: where it is and how to run processes in it. Cheap to clone; the namespace and cgroup belong
+/// to the [`Topology`].
+#[derive(Debug, Clone)]
+pub struct Pod {
+    /// Pod name (also the Kubernetes `metadata.name`).
+    pub name: String,
+    /// Kubernetes namespace used in manifests.
+    pub namespace: String,
+    /// The node it runs on.
+    pub node: String,
+    /// Its IPv4 address (`status.podIP`).
+    pub ip4: Ipv4Addr,
+    /// Its IPv6 address, if the topology has IPv6.
+    pub ip6: Option<Ipv6Addr>,
+    /// Its node's address (`status.hostIP`).
+    pub host_ip: Ipv4Addr,
+    netns_name: String,
+    cgroup: PathBuf,
+    testpod: PathBuf,
+    log_dir: PathBuf,
+}
+
+/// Numbers process names so every process of a test has its own stderr log.
+static PROC_SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Pod {
+    /// `/var/run/netns/<netns>`: the `sinew.dev/netns` annotation value.
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new(crate::guards::NETNS_DIR).join(&self.netns_name)
+    }
+
+    /// The namespace name as `ip netns` knows it.
+    pub fn netns_name(&self) -> &str {
+        &self.netns_name
+    }
+
+    /// The pod's cgroup directory (a child of its node's cgroup root).
+    pub fn cgroup_dir(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// A command that runs `program` inside the pod: its child first joins the pod's cgroup, then its network
+    /// namespace (see [`crate::sys::enter_pod`] for why in that order).
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
+        let mut cmd = Command::new(program);
+        crate::sys::enter_pod(
+            &mut cmd,
+            &self.cgroup.join("cgroup.procs"),
+            &self.netns_path(),
+        )?;
+        Ok(cmd)
+    }
+
+    /// Spawns `program args` in the pod as a guarded process.
+    pub fn spawn(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Result<Proc> {
+        let mut cmd = self.command(program)?;
+        cmd.args(args);
+        let label = format!(
+            "{}-{}-{}",
+            self.name,
+            args.first().copied().unwrap_or("proc"),
+            PROC_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        Proc::spawn(&label, cmd, &self.log_dir)
+    }
+
+    /// Spawns `sinew-testpod <args>` in the pod.
+    pub fn testpod(&self, args: &[&str]) -> Result<Proc> {
+        self.spawn(&self.testpod, args)
+    }
+
+    /// Runs `sinew-testpod <args>` to completion (at most `timeout`) and parses its JSON result line.
+    pub fn run_json<T: DeserializeOwned>(&self, args: &[&str], timeout: Duration) -> Result<T> {
+        let out: ProcOutput = self.testpod(args)?.wait(timeout)?;
+        out.json()
+            .with_context(|| format!("pod {}: sinew-testpod {}", self.name, args.join(" ")))
+    }
+
+    /// Starts `sinew-testpod serve --port <port> --name <name>` (TCP and UDP) and waits until it listens.
+    pub fn serve(&self, port: u16, name: &str) -> Result<Proc> {
+        let mut p = self.testpod(&["serve", "--port", &port.to_string(), "--name", name])?;
+        let line = p
+            .wait_for_line(Duration::from_secs(5), |l| l.contains("\"listening\""))
+            .with_context(|| format!("pod {}: server did not start", self.name))?;
+        let ready: ServeReady = serde_json::from_str(&line).map_err(|e| anyhow!("{line}: {e}"))?;
+        if ready.port != port {
+            bail!("server reports port {} instead of {port}", ready.port);
+        }
+        Ok(p)
+    }
+
+    /// `count` sequential TCP connections to `to` (`ip:port` or `[v6]:port`), each reading the server's name.
+    pub fn tcp_connect(
+        &self,
+        to: &str,
+        count: u32,
+        interval_ms: u64,
+        timeout_ms: u64,
+    ) -> Result<ConnectReport> {
+        let bound = client_bound(count, interval_ms, timeout_ms);
+        self.run_json(
+            &[
+                "tcp-connect",
+                "--to",
+                to,
+                "--count",
+                &count.to_string(),
+                "--interval-ms",
+                &interval_ms.to_string(),
+                "--timeout-ms",
+                &timeout_ms.to_string(),
+            ],
+            bound,
+        )
+    }
+
+    /// `count` datagrams from one unconnected UDP socket to `to` (sendto + recvfrom).
+    pub fn udp_send(
+        &self,
+        to: &str,
+        count: u32,
+        timeout_ms: u64,
+        new_socket_each: bool,
+    ) -> Result<UdpReport> {
+        let bound = client_bound(count, 0, timeout_ms);
+        let count_s = count.to_string();
+        let timeout_s = timeout_ms.to_string();
+        let mut args = vec![
+            "udp-send",
+            "--to",
+            to,
+            "--count",
+            &count_s,
+            "--timeout-ms",
+            &timeout_s,
+        ];
+        if new_socket_each {
+            args.push("--new-socket-each");
+        }
+        self.run_json(&args, bound)
+    }
+}
+
+/// How long a client run may take before the harness gives up on it: the client's own bounds plus slack.
+pub fn client_bound(count: u32, interval_ms: u64, timeout_ms: u64) -> Duration {
+    Duration::from_millis(count as u64 * (interval_ms + 2 * timeout_ms) + 10_000)
+}

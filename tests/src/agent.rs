@@ -329,6 +329,8 @@ impl Agent {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // The log is a file: no colour escapes.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -532,18 +534,26 @@ pub struct Sample {
 pub struct Metrics {
     /// Every sample, in order.
     pub samples: Vec<Sample>,
+    /// Lines that are neither comments nor valid samples. Prometheus rejects a whole scrape with one of these, so
+    /// tests report them.
+    pub invalid: Vec<String>,
 }
 
 impl Metrics {
     /// Parses the text format (comments skipped; label values unescaped).
     pub fn parse(text: &str) -> Metrics {
-        let samples = text
+        let mut m = Metrics::default();
+        for l in text
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .filter_map(parse_sample)
-            .collect();
-        Metrics { samples }
+        {
+            match parse_sample(l) {
+                Some(s) => m.samples.push(s),
+                None => m.invalid.push(l.to_string()),
+            }
+        }
+        m
     }
 
     /// Samples named `name` whose labels include all of `labels`.
@@ -656,6 +666,14 @@ sinew_service_balanced_total{service="default/web",port="80",proto="tcp",vip="10
 "#;
         let m = Metrics::parse(text);
         assert_eq!(m.samples.len(), 4);
+        assert!(m.invalid.is_empty(), "{:?}", m.invalid);
+        let bad = Metrics::parse("x{reason=\"a \"b\" c\"} 1\ny 2\n");
+        assert_eq!(
+            bad.invalid.len(),
+            1,
+            "unescaped quotes in a label value are invalid"
+        );
+        assert_eq!(bad.samples.len(), 1);
         assert_eq!(m.get("sinew_source_errors_total", &[]), Some(3.0));
         assert_eq!(
             m.get(

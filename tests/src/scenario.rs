@@ -43,6 +43,8 @@ pub struct LbOptions {
     pub endpoint_slice: bool,
     /// Give pods IPv6 addresses too.
     pub ipv6: bool,
+    /// More manifest files (name, objects) to write before the agent starts, so they are in its first sync.
+    pub extra_files: Vec<(String, Vec<serde_json::Value>)>,
 }
 
 impl Default for LbOptions {
@@ -52,6 +54,7 @@ impl Default for LbOptions {
             spare: 0,
             endpoint_slice: false,
             ipv6: false,
+            extra_files: Vec::new(),
         }
     }
 }
@@ -114,6 +117,9 @@ impl LbFixture {
                 "endpointslice-web.yaml",
                 &[endpoint_slice(&refs).to_value()],
             )?;
+        }
+        for (file, objects) in &opts.extra_files {
+            source.write(file, objects)?;
         }
         let mut agent = Agent::start(topo.node(NODE), source.path(), None)?;
         agent.wait_ready(Duration::from_secs(20))?;

@@ -9,12 +9,15 @@
 //! sinew-testpod tcp-echo    --port P --name NAME            (serve, TCP only)
 //! sinew-testpod udp-echo    --port P --name NAME            (serve, UDP only)
 //! sinew-testpod echo-server --port P [--name NAME]          (serve; name defaults to "echo")
-//! sinew-testpod tcp-connect --to ADDR --count N [--interval-ms M] [--timeout-ms T]
+//! sinew-testpod tcp-connect --to ADDR --count N [--interval-ms M] [--timeout-ms T] [--progress-every K]
 //! sinew-testpod udp-send    --to ADDR --count N [--interval-ms M] [--timeout-ms T] [--new-socket-each]
 //! sinew-testpod udp-connected --to ADDR --count N [--interval-ms M] [--timeout-ms T]
 //! sinew-testpod rr          --to ADDR [--size S] [--duration-ms D] [--max-requests N] [--timeout-ms T]
 //! sinew-testpod crr         --to ADDR [--size S] [--duration-ms D] [--max N] [--timeout-ms T]
 //! ```
+//! `--progress-every K` prints `{"event":"progress","attempts":n,"ok":k,"failed":f}` after every K attempts, so a
+//! caller can tell that a long run is under way; the result is still the last line.
+//!
 //! ADDR is `ip:port` or `[ipv6]:port`; `[::ffff:10.96.0.10]:80` makes an IPv6 socket connect to a v4-mapped
 //! address (the agent's `connect6` path).
 
@@ -325,6 +328,7 @@ fn tcp_connect(opts: &Opts) -> ConnectReport {
     let count = opts.count("count", 1);
     let interval = opts.ms("interval-ms", 0);
     let timeout = opts.ms("timeout-ms", 2000).max(Duration::from_millis(1));
+    let progress_every = opts.num("progress-every", 0);
     let mut r = ConnectReport {
         to: to.to_string(),
         started_unix_ms: sinew_tests::unix_ms(),
@@ -365,6 +369,12 @@ fn tcp_connect(opts: &Opts) -> ConnectReport {
                     r.failures.push(failure(i, stage, &e, t0));
                 }
             }
+        }
+        if progress_every > 0 && u64::from(r.attempts) % progress_every == 0 {
+            let line = serde_json::json!({
+                "event": "progress", "attempts": r.attempts, "ok": r.ok, "failed": r.failed,
+            });
+            let _ = print(&line);
         }
     }
     connect_us.sort_by(f64::total_cmp);

@@ -1,0 +1,209 @@
+//! The agent's lifecycle: `kill -9` and restart under load with no failed connect, reconciliation of changes made
+//! while it was down, and `uninstall` leaving nothing attached or pinned.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{CHANGE_BOUND, assert_all_ok, fixture};
+use sinew_tests::guards::list_files;
+use sinew_tests::scenario::{LbOptions, VIP};
+use sinew_tests::testpod::ConnectReport;
+use sinew_tests::topology::client_bound;
+use sinew_tests::{eventually, require_privileged, unix_ms, util::run};
+
+/// Program names `bpftool cgroup tree <root>` lists under the node's cgroup root (JSON output, any shape: every
+/// `"name"` field below the root).
+fn attached_programs(cgroup_root: &Path) -> Vec<String> {
+    let out = run(
+        "bpftool",
+        &["-j", "cgroup", "tree", &cgroup_root.display().to_string()],
+    )
+    .unwrap_or_else(|e| panic!("bpftool cgroup tree: {e:#}"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool output {:?}: {e}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let mut names = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    if k == "name" {
+                        if let Some(s) = x.as_str() {
+                            out.push(s.to_string());
+                        }
+                    }
+                    walk(x, out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    walk(&v, &mut names);
+    names
+}
+
+#[test]
+fn kill9_and_restart_lose_no_connection_and_reconcile() {
+    if !require_privileged("kill9_and_restart_lose_no_connection_and_reconcile") {
+        return;
+    }
+    let mut f = fixture(
+        "life-kill9",
+        LbOptions {
+            backends: 3,
+            spare: 1,
+            ..Default::default()
+        },
+    );
+    let vip = f.vip_tcp();
+    // 300 connects, 10 ms apart: about 3-4 s, long enough to span the kill, the downtime and the restart.
+    let (count, interval, timeout) = (300u32, 10u64, 2000u64);
+    let mut client = f
+        .client
+        .testpod(&[
+            "tcp-connect",
+            "--to",
+            &vip,
+            "--count",
+            &count.to_string(),
+            "--interval-ms",
+            &interval.to_string(),
+            "--timeout-ms",
+            &timeout.to_string(),
+            "--progress-every",
+            "10",
+        ])
+        .expect("start client");
+    // Kill only once the client's connects are flowing.
+    client
+        .wait_for_line(Duration::from_secs(5), |l| l.contains("\"progress\""))
+        .expect("client progress");
+    let killed_at = unix_ms();
+    f.agent.kill9().expect("kill -9");
+
+    // With the agent dead the programs stay attached, their links pinned.
+    let status = f
+        .agent
+        .cli()
+        .status()
+        .unwrap_or_else(|e| panic!("status after kill -9: {e:#}"));
+    assert!(
+        !status.programs.is_empty(),
+        "status lists no programs: {status:#?}"
+    );
+    for p in &status.programs {
+        assert!(
+            p.attached,
+            "program {} detached after kill -9: {status:#?}",
+            p.name
+        );
+        if let Some(pin) = &p.link_pin {
+            assert!(
+                Path::new(pin).exists(),
+                "link pin {pin} of {} is gone",
+                p.name
+            );
+        }
+    }
+    assert!(
+        status.programs.iter().any(|p| p.name == "connect4"),
+        "{status:#?}"
+    );
+
+    // A backend added while the agent is down.
+    f.write_backend(f.backend("b4"), true).expect("write b4");
+    f.agent.restart().expect("restart");
+    f.agent
+        .wait_ready(Duration::from_secs(20))
+        .expect("ready after restart");
+    let ready_at = unix_ms();
+
+    let out = client
+        .wait(client_bound(count, interval, timeout))
+        .expect("client run");
+    let r: ConnectReport = out.json().expect("client report");
+    eprintln!(
+        "client ran {}..{} ms; killed at {killed_at}, ready again at {ready_at}; names {:?}",
+        r.started_unix_ms, r.finished_unix_ms, r.names
+    );
+    assert!(
+        r.started_unix_ms <= killed_at && killed_at <= r.finished_unix_ms,
+        "the kill did not happen while the client was connecting"
+    );
+    assert_eq!(r.attempts, count);
+    assert_all_ok(&r, "connects across kill -9 and restart");
+
+    // The restarted agent adopted the pinned state and reconciled the change it missed.
+    eventually(CHANGE_BOUND, Duration::from_millis(50), || {
+        let r = f.connect(&vip, 30, 0, 1000).map_err(|e| format!("{e:#}"))?;
+        if r.failed == 0 && r.names.contains_key("b4") {
+            Ok(())
+        } else {
+            Err(format!("{:?} {:?}", r.names, r.errors))
+        }
+    })
+    .unwrap_or_else(|e| panic!("b4 (added while the agent was down) never served: {e}"));
+    let dump = f.agent.cli().dump_services().expect("dump services");
+    let web = dump
+        .iter()
+        .find(|s| s.vip == VIP.to_string() && s.port == 80 && s.proto == "tcp")
+        .unwrap_or_else(|| panic!("no VIP:80 in {dump:#?}"));
+    assert_eq!(web.count, 4, "{web:#?}");
+}
+
+#[test]
+fn uninstall_detaches_and_unpins() {
+    if !require_privileged("uninstall_detaches_and_unpins") {
+        return;
+    }
+    let mut f = fixture("life-uninstall", LbOptions::default());
+    let vip = f.vip_tcp();
+    let node = f.topo.node(sinew_tests::scenario::NODE);
+    let cgroup_root = node.cgroup_root().to_path_buf();
+    let bpffs_dir = node.bpffs().dir().to_path_buf();
+    let before = attached_programs(&cgroup_root);
+    assert!(
+        before.iter().any(|n| n.contains("connect4")),
+        "bpftool shows no connect4 before uninstall: {before:?}"
+    );
+    assert!(
+        !list_files(&bpffs_dir).is_empty(),
+        "nothing pinned before uninstall"
+    );
+
+    // SIGTERM: the agent exits and leaves everything attached (restart and upgrade never detach).
+    let status = f.agent.stop().expect("stop");
+    assert!(
+        status.success(),
+        "agent exit status on SIGTERM: {status}\n{}",
+        f.agent.log_tail(20)
+    );
+    let r = f.connect(&vip, 10, 0, 2000).expect("connect");
+    assert_all_ok(&r, "after SIGTERM, programs still balance");
+
+    let out = f
+        .agent
+        .cli()
+        .uninstall()
+        .unwrap_or_else(|e| panic!("uninstall: {e:#}"));
+    eprintln!("uninstall said: {out}");
+    let after = attached_programs(&cgroup_root);
+    assert!(
+        after.is_empty(),
+        "programs still attached under {}: {after:?}",
+        cgroup_root.display()
+    );
+    let pins = list_files(&bpffs_dir);
+    assert!(pins.is_empty(), "pins left after uninstall: {pins:?}");
+
+    // The VIP is an unrouted address again: connects fail (quickly, or at our short timeout), never balanced.
+    let r = f.connect(&vip, 3, 0, 500).expect("connect");
+    assert_eq!(r.ok, 0, "VIP still balanced after uninstall: {r:#?}");
+    assert!(r.names.is_empty(), "{r:#?}");
+}

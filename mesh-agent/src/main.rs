@@ -1,2 +1,161 @@
-static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
-fn main() { println!("{}", OBJ.len()); }
+//! `mesh-agent`: Sinew's per-node agent and its CLI.
+//!
+//! `run` loads and attaches the eBPF programs (ebpf), reads Kubernetes objects from a source (source), computes the
+//! desired state as a pure function (state), and lets the reconciler write the difference into the pinned maps
+//! (ebpf::reconcile). `status`, `dump` and `uninstall` work on the pins directly, with or without a running agent.
+
+mod admin;
+mod config;
+mod datapath;
+mod ebpf;
+mod k8s;
+mod metrics;
+mod run;
+mod source;
+mod state;
+mod sys;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    config::{DEFAULT_BPFFS_ROOT, DEFAULT_CGROUP_ROOT, LogFormat},
+    ebpf::Layout,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "Sinew node agent: in-kernel service mesh data plane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent: attach the programs and keep the maps in sync with the source.
+    Run(config::RunArgs),
+    /// Show programs, links and maps (with entry counts) of an install.
+    Status {
+        #[command(flatten)]
+        roots: Roots,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Print decoded map contents.
+    Dump {
+        #[arg(value_enum)]
+        what: DumpWhat,
+        #[command(flatten)]
+        roots: Roots,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Detach every program and remove every pin.
+    Uninstall {
+        #[command(flatten)]
+        roots: Roots,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Roots {
+    /// cgroup v2 directory the programs are attached at.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CGROUP_ROOT)]
+    cgroup_root: PathBuf,
+    /// Directory on bpffs with the pins.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS_ROOT)]
+    bpffs_root: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DumpWhat {
+    /// Services with their slots and backends.
+    Services,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SINEW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn print<T: serde::Serialize>(output: Output, value: &T, text: impl FnOnce(&T) -> String) {
+    match output {
+        Output::Text => print!("{}", text(value)),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("plain data serializes")
+        ),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(args) => match args.resolve() {
+            Ok(cfg) => {
+                init_logging(cfg.log_format);
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(run::run(cfg)))
+            }
+            Err(e) => Err(anyhow::anyhow!("invalid configuration: {e}")),
+        },
+        Cmd::Status { roots, output } => ebpf::inspect::status(&Layout::new(&roots.bpffs_root))
+            .map(|s| print(output, &s, |s| s.render())),
+        Cmd::Dump {
+            what: DumpWhat::Services,
+            roots,
+            output,
+        } => ebpf::Maps::open(&Layout::new(&roots.bpffs_root))
+            .and_then(ebpf::reconcile::Reconciler::new)
+            .map(|r| {
+                let dump = ebpf::inspect::dump_services(&r.maps, |id| {
+                    let c = r.counters(id);
+                    (c.balanced, c.no_backend)
+                });
+                print(output, &dump, |d| ebpf::inspect::render_services(d));
+            }),
+        Cmd::Uninstall { roots } => {
+            ebpf::uninstall(&Layout::new(&roots.bpffs_root)).map(|removed| {
+                for r in &removed {
+                    println!("removed {r}");
+                }
+                // Links detach when their last reference (the pin) goes; check with
+                // `bpftool cgroup tree <cgroup-root>`.
+                println!(
+                    "uninstalled: {} pins removed under {} (programs detached from {})",
+                    removed.len(),
+                    roots.bpffs_root.display(),
+                    roots.cgroup_root.display()
+                );
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

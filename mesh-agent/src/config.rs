@@ -1,0 +1,272 @@
+//! The agent's configuration: one typed tree, built from `--config FILE` (YAML) overlaid with command-line flags,
+//! validated in one place. Every error names the field it is about.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+/// The effective configuration of `mesh-agent run`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Config {
+    pub node: String,
+    /// The file source's directory. Until the kubernetes source exists it is required.
+    pub source_dir: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub bpffs_root: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/sinew";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15020";
+
+/// Flags of `mesh-agent run`. Every one is optional here so that the config file can supply it.
+#[derive(Args, Debug, Default, Clone)]
+pub struct RunArgs {
+    /// YAML file with the same keys as these flags (node, source-dir, cgroup-root, ...). Flags win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's name (as in a Pod's spec.nodeName). Default: the hostname.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Directory of Kubernetes YAML (Service, EndpointSlice, Pod) to watch: the file source.
+    #[arg(long, value_name = "DIR")]
+    pub source_dir: Option<PathBuf>,
+    /// cgroup v2 directory the programs attach at (default /sys/fs/cgroup).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Directory on bpffs where maps and links are pinned (default /sys/fs/bpf/sinew).
+    #[arg(long, value_name = "PATH")]
+    pub bpffs_root: Option<PathBuf>,
+    /// Admin listener: /healthz, /readyz, /metrics (default 127.0.0.1:15020).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_addr: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The config file: the same keys as the flags. Unknown keys are errors, so a typo never goes unnoticed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    node: Option<String>,
+    source_dir: Option<PathBuf>,
+    cgroup_root: Option<PathBuf>,
+    bpffs_root: Option<PathBuf>,
+    admin_addr: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+impl RunArgs {
+    /// Reads the config file (if any), overlays the flags, applies defaults and validates.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => parse_file(path)?,
+            None => FileConfig::default(),
+        };
+        let node = self.node.clone().or(file.node).unwrap_or_else(hostname);
+        if node.is_empty() {
+            return Err(invalid("node", "must not be empty"));
+        }
+        let source_dir = self.source_dir.clone().or(file.source_dir).ok_or_else(|| {
+            invalid(
+                "source-dir",
+                "is required (the kubernetes source is not available yet)",
+            )
+        })?;
+        let admin = self
+            .admin_addr
+            .clone()
+            .or(file.admin_addr)
+            .unwrap_or_else(|| DEFAULT_ADMIN_ADDR.into());
+        let admin_addr = admin.parse().map_err(|e| {
+            invalid(
+                "admin-addr",
+                format!("{admin:?} is not an ip:port socket address ({e})"),
+            )
+        })?;
+        let cgroup_root = self
+            .cgroup_root
+            .clone()
+            .or(file.cgroup_root)
+            .unwrap_or_else(|| DEFAULT_CGROUP_ROOT.into());
+        let bpffs_root = self
+            .bpffs_root
+            .clone()
+            .or(file.bpffs_root)
+            .unwrap_or_else(|| DEFAULT_BPFFS_ROOT.into());
+        for (field, p) in [
+            ("cgroup-root", &cgroup_root),
+            ("bpffs-root", &bpffs_root),
+            ("source-dir", &source_dir),
+        ] {
+            if !p.is_absolute() && field != "source-dir" {
+                return Err(invalid(
+                    field,
+                    format!("{} must be an absolute path", p.display()),
+                ));
+            }
+        }
+        Ok(Config {
+            node,
+            source_dir,
+            cgroup_root,
+            bpffs_root,
+            admin_addr,
+            log_format: self
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+        })
+    }
+}
+
+fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.into(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> RunArgs {
+        RunArgs {
+            node: Some("n1".into()),
+            source_dir: Some("/tmp/x".into()),
+            ..Default::default()
+        }
+    }
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let p =
+            std::env::temp_dir().join(format!("sinew-config-{}-{name}.yaml", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = args().resolve().unwrap();
+        assert_eq!(c.admin_addr, DEFAULT_ADMIN_ADDR.parse().unwrap());
+        assert_eq!(c.cgroup_root, PathBuf::from(DEFAULT_CGROUP_ROOT));
+        assert_eq!(c.bpffs_root, PathBuf::from(DEFAULT_BPFFS_ROOT));
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn file_supplies_keys_and_flags_win() {
+        let p = write(
+            "keys",
+            "node: from-file\nsource-dir: /srv/m\ncgroup-root: /sys/fs/cgroup/unified/x\nadmin-addr: 127.0.0.1:9\nlog-format: json\n",
+        );
+        let a = RunArgs {
+            config: Some(p.clone()),
+            node: Some("from-flag".into()),
+            ..Default::default()
+        };
+        let c = a.resolve().unwrap();
+        std::fs::remove_file(p).ok();
+        assert_eq!(c.node, "from-flag");
+        assert_eq!(c.source_dir, PathBuf::from("/srv/m"));
+        assert_eq!(c.cgroup_root, PathBuf::from("/sys/fs/cgroup/unified/x"));
+        assert_eq!(c.admin_addr.port(), 9);
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let p = write("unknown", "nodee: x\n");
+        let e = RunArgs {
+            config: Some(p.clone()),
+            ..args()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        std::fs::remove_file(p).ok();
+        assert!(e.contains("nodee"), "{e}");
+    }
+
+    #[test]
+    fn bad_admin_addr_is_named() {
+        let e = RunArgs {
+            admin_addr: Some("localhost".into()),
+            ..args()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("admin-addr:"), "{e}");
+    }
+
+    #[test]
+    fn relative_roots_are_rejected() {
+        let e = RunArgs {
+            bpffs_root: Some("sinew".into()),
+            ..args()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("bpffs-root:"), "{e}");
+    }
+
+    #[test]
+    fn missing_source_dir_is_named() {
+        let e = RunArgs::default().resolve().unwrap_err().to_string();
+        assert!(e.starts_with("source-dir:"), "{e}");
+    }
+}

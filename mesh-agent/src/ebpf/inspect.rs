@@ -1,0 +1,263 @@
+//! Read-only views of an install: `mesh-agent status` and `mesh-agent dump services`. They read the pins directly,
+//! so they work while the agent is down (which is when an operator most needs them).
+
+use aya::{
+    maps::{MapInfo, MapType},
+    programs::links::{FdLink, PinnedLink},
+};
+use mesh_common::{ABI_HASH, ABI_VERSION, SlotKey, map_names};
+use serde::Serialize;
+
+use super::{
+    Layout, Maps, PROGRAMS, pinned_abi,
+    reconcile::{proto_name, words_addr},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub bpffs_root: String,
+    pub abi: Option<AbiStatus>,
+    pub programs: Vec<ProgramStatus>,
+    pub maps: Vec<MapStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AbiStatus {
+    pub version: u32,
+    pub layout_hash: u32,
+    /// Whether this binary can adopt the pinned maps.
+    pub matches: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgramStatus {
+    pub name: String,
+    pub attached: bool,
+    pub link_pin: String,
+    pub link_id: Option<u32>,
+    pub program_id: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MapStatus {
+    pub name: String,
+    pub pin: String,
+    pub id: Option<u32>,
+    pub kind: Option<String>,
+    pub entries: Option<usize>,
+    pub max_entries: Option<u32>,
+}
+
+pub fn status(layout: &Layout) -> anyhow::Result<Status> {
+    let abi = pinned_abi(layout).ok().flatten().map(|r| AbiStatus {
+        version: r.version,
+        layout_hash: r.layout_hash,
+        matches: r.version == ABI_VERSION && r.layout_hash == ABI_HASH,
+    });
+    let programs = PROGRAMS
+        .iter()
+        .map(|name| {
+            let pin = layout.link(name);
+            let info = PinnedLink::from_pin(&pin)
+                .ok()
+                .and_then(|l| FdLink::from(l).info().ok());
+            ProgramStatus {
+                name: name.to_string(),
+                attached: info.is_some(),
+                link_pin: pin.display().to_string(),
+                link_id: info.as_ref().map(|i| i.id()),
+                program_id: info.as_ref().map(|i| i.program_id()),
+            }
+        })
+        .collect();
+    // Entry counts come from the typed maps; arrays are always full, so they report their size.
+    let maps_handle = abi
+        .as_ref()
+        .filter(|a| a.matches)
+        .and_then(|_| Maps::open(layout).ok());
+    let count = |name: &str| -> Option<usize> {
+        let m = maps_handle.as_ref()?;
+        Some(match name {
+            map_names::SERVICES => m.services.keys().count(),
+            map_names::SLOTS => m.slots.keys().count(),
+            map_names::BACKENDS => m.backends.keys().count(),
+            map_names::REV_NAT => m.rev_nat.keys().count(),
+            _ => return None,
+        })
+    };
+    let maps = map_names::ALL
+        .iter()
+        .map(|name| {
+            let pin = layout.map(name);
+            let info: Option<MapInfo> = MapInfo::from_pin(&pin).ok();
+            let kind = info
+                .as_ref()
+                .and_then(|i| i.map_type().ok())
+                .map(|t| map_kind(t).to_string());
+            let max = info.as_ref().map(|i| i.max_entries());
+            let entries = count(name).or(match kind.as_deref() {
+                Some("array") | Some("percpu_array") => max.map(|m| m as usize),
+                _ => None,
+            });
+            MapStatus {
+                name: name.to_string(),
+                pin: pin.display().to_string(),
+                id: info.as_ref().map(|i| i.id()),
+                kind,
+                entries,
+                max_entries: max,
+            }
+        })
+        .collect();
+    Ok(Status {
+        bpffs_root: layout.root.display().to_string(),
+        abi,
+        programs,
+        maps,
+    })
+}
+
+fn map_kind(t: MapType) -> &'static str {
+    match t {
+        MapType::Hash => "hash",
+        MapType::LruHash => "lru_hash",
+        MapType::Array => "array",
+        MapType::PerCpuArray => "percpu_array",
+        _ => "other",
+    }
+}
+
+impl Status {
+    pub fn render(&self) -> String {
+        let mut out = format!("bpffs root: {}\n", self.bpffs_root);
+        match &self.abi {
+            Some(a) => {
+                out += &format!(
+                    "abi: version {} layout {:#010x} ({})\n",
+                    a.version,
+                    a.layout_hash,
+                    if a.matches {
+                        "matches this agent"
+                    } else {
+                        "DIFFERS from this agent"
+                    }
+                )
+            }
+            None => out += "abi: not installed\n",
+        }
+        out += "\nPROGRAM        ATTACHED  LINK ID  PROG ID  PIN\n";
+        for p in &self.programs {
+            out += &format!(
+                "{:<14} {:<9} {:<8} {:<8} {}\n",
+                p.name,
+                if p.attached { "yes" } else { "no" },
+                opt(p.link_id),
+                opt(p.program_id),
+                p.link_pin
+            );
+        }
+        out += "\nMAP            KIND          ENTRIES  MAX      ID      PIN\n";
+        for m in &self.maps {
+            out += &format!(
+                "{:<14} {:<13} {:<8} {:<8} {:<7} {}\n",
+                m.name,
+                m.kind.as_deref().unwrap_or("-"),
+                opt(m.entries),
+                opt(m.max_entries),
+                opt(m.id),
+                m.pin
+            );
+        }
+        out
+    }
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceDump {
+    pub vip: String,
+    pub port: u16,
+    pub proto: &'static str,
+    pub id: u32,
+    pub count: u32,
+    pub balanced: u64,
+    pub no_backend: u64,
+    pub backends: Vec<SlotDump>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SlotDump {
+    pub slot: u32,
+    pub id: u32,
+    pub addr: String,
+    pub port: u16,
+}
+
+/// Decodes services -> slots -> backends, in frontend order.
+pub fn dump_services(maps: &Maps, counters: impl Fn(u32) -> (u64, u64)) -> Vec<ServiceDump> {
+    let mut services: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
+    services.sort_by_key(|(k, _)| (words_addr(&k.addr), u16::from_be(k.port), k.proto));
+    services
+        .into_iter()
+        .map(|(k, v)| {
+            let backends = (0..v.count)
+                .filter_map(|slot| {
+                    let s = maps
+                        .slots
+                        .get(
+                            &SlotKey {
+                                service_id: v.id,
+                                slot,
+                            },
+                            0,
+                        )
+                        .ok()?;
+                    let b = maps.backends.get(&s.backend_id, 0).ok()?;
+                    Some(SlotDump {
+                        slot,
+                        id: s.backend_id,
+                        addr: words_addr(&b.addr).to_string(),
+                        port: u16::from_be(b.port),
+                    })
+                })
+                .collect();
+            let (balanced, no_backend) = counters(v.id);
+            ServiceDump {
+                vip: words_addr(&k.addr).to_string(),
+                port: u16::from_be(k.port),
+                proto: proto_name(k.proto),
+                id: v.id,
+                count: v.count,
+                balanced,
+                no_backend,
+                backends,
+            }
+        })
+        .collect()
+}
+
+pub fn render_services(services: &[ServiceDump]) -> String {
+    let mut out = String::new();
+    for s in services {
+        out += &format!(
+            "{}:{}/{}  id={} slots={} balanced={} no_backend={}\n",
+            s.vip, s.port, s.proto, s.id, s.count, s.balanced, s.no_backend
+        );
+        if s.backends.is_empty() {
+            out += "  (no ready backend: connects are refused)\n";
+        }
+        for b in &s.backends {
+            out += &format!(
+                "  slot {:<3} backend {:<5} {}:{}\n",
+                b.slot, b.id, b.addr, b.port
+            );
+        }
+    }
+    if services.is_empty() {
+        out += "no services\n";
+    }
+    out
+}

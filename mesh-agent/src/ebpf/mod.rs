@@ -1,0 +1,277 @@
+//! Loading, attaching and pinning the eBPF programs, and typed handles to their pinned maps.
+//!
+//! Pin layout under `--bpffs-root` (default `/sys/fs/bpf/sinew`):
+//! - `maps/<name>`: every map (see `mesh_common::map_names`); `maps/abi` holds the layout record;
+//! - `links/<program>`: one cgroup bpf_link per program, attached at `--cgroup-root`.
+//!
+//! Install is idempotent and never detaches: maps that are already pinned are reused (after the ABI check), and a
+//! program whose link is already pinned is swapped in place with `BPF_LINK_UPDATE`. Only [`uninstall`] detaches.
+
+pub mod inspect;
+pub mod reconcile;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
+};
+use mesh_common::{
+    ABI_HASH, ABI_VERSION, AbiRecord, Backend, RevNatKey, RevNatValue, ServiceCounters, ServiceKey,
+    ServiceValue, SlotKey, SlotValue, map_names,
+};
+use tracing::{info, warn};
+
+use crate::sys;
+
+/// The eBPF object built by build.rs from mesh-ebpf.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+
+/// Every program in the object; each is a cgroup sock_addr program whose attach type comes from its section.
+pub const PROGRAMS: [&str; 8] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "recvmsg4",
+    "recvmsg6",
+    "getpeername4",
+    "getpeername6",
+];
+
+/// Where things are pinned.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links_dir().join(program)
+    }
+}
+
+/// Typed handles to the pinned maps. The reconciler is the only writer of services, slots and backends.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub slots: HashMap<MapData, SlotKey, SlotValue>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub rev_nat: HashMap<MapData, RevNatKey, RevNatValue>,
+    pub counters: PerCpuArray<MapData, ServiceCounters>,
+}
+
+fn open_map(layout: &Layout, name: &str) -> anyhow::Result<Map> {
+    let path = layout.map(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
+}
+
+impl Maps {
+    /// Opens every map from its pin. Fails (naming the map) if one is missing or has another shape.
+    pub fn open(layout: &Layout) -> anyhow::Result<Self> {
+        let m = |name| open_map(layout, name);
+        Ok(Self {
+            services: HashMap::try_from(m(map_names::SERVICES)?)?,
+            slots: HashMap::try_from(m(map_names::SLOTS)?)?,
+            backends: HashMap::try_from(m(map_names::BACKENDS)?)?,
+            rev_nat: HashMap::try_from(m(map_names::REV_NAT)?)?,
+            counters: PerCpuArray::try_from(m(map_names::COUNTERS)?)?,
+        })
+    }
+}
+
+/// Reads the ABI record of an existing install, if there is one.
+pub fn pinned_abi(layout: &Layout) -> anyhow::Result<Option<AbiRecord>> {
+    if !layout.map(map_names::ABI).exists() {
+        return Ok(None);
+    }
+    let abi: Array<MapData, AbiRecord> = Array::try_from(open_map(layout, map_names::ABI)?)?;
+    let rec = abi.get(&0, 0)?;
+    // A zeroed record means an install that stopped before its last step: nothing to adopt-check yet.
+    Ok((rec.version != 0).then_some(rec))
+}
+
+/// Makes sure `root` is on a bpf filesystem, mounting one at `/sys/fs/bpf` when the root lives there and nothing is
+/// mounted yet (as Cilium's `bpf.autoMount` does). Any other location must already be on bpffs.
+pub fn ensure_bpffs(root: &Path) -> anyhow::Result<()> {
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    let mounted = |p: &Path| {
+        sys::fs_magic(p)
+            .map(|m| m == sys::BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    // The nearest existing ancestor tells which filesystem the root would be created on.
+    let existing = root
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if mounted(existing) {
+        return Ok(());
+    }
+    if root.starts_with(sys_bpf) && !mounted(sys_bpf) {
+        fs::create_dir_all(sys_bpf).ok();
+        sys::mount_bpffs(sys_bpf).context("mounting bpffs at /sys/fs/bpf")?;
+        info!("mounted bpffs at /sys/fs/bpf");
+        return Ok(());
+    }
+    bail!(
+        "--bpffs-root {} is not on a bpf filesystem (mount one: mount -t bpf bpf <dir>)",
+        root.display()
+    )
+}
+
+fn check_cgroup2(cgroup_root: &Path) -> anyhow::Result<()> {
+    let magic = sys::fs_magic(cgroup_root)
+        .with_context(|| format!("--cgroup-root {}", cgroup_root.display()))?;
+    if magic != sys::CGROUP2_SUPER_MAGIC {
+        bail!(
+            "--cgroup-root {} is not a cgroup v2 directory",
+            cgroup_root.display()
+        );
+    }
+    Ok(())
+}
+
+/// What [`install`] did for each program.
+#[derive(Debug, Default)]
+pub struct InstallReport {
+    /// Programs newly attached (first install, or a link that had gone missing).
+    pub attached: Vec<String>,
+    /// Programs swapped into an existing pinned link.
+    pub replaced: Vec<String>,
+    /// Whether the maps already existed (restart/upgrade) rather than being created.
+    pub adopted_maps: bool,
+}
+
+/// Loads the object, reuses or creates the pinned maps, and attaches (or swaps in) every program.
+pub fn install(layout: &Layout, cgroup_root: &Path) -> anyhow::Result<InstallReport> {
+    check_cgroup2(cgroup_root)?;
+    ensure_bpffs(&layout.root)?;
+    fs::create_dir_all(layout.maps_dir())
+        .with_context(|| format!("creating {}", layout.maps_dir().display()))?;
+    fs::create_dir_all(layout.links_dir())
+        .with_context(|| format!("creating {}", layout.links_dir().display()))?;
+
+    let mut report = InstallReport::default();
+    match pinned_abi(layout)? {
+        Some(rec) if rec.version == ABI_VERSION && rec.layout_hash == ABI_HASH => {
+            report.adopted_maps = true;
+        }
+        Some(rec) => bail!(
+            "pinned maps under {} have ABI {}/{:#x}, this agent speaks {}/{:#x}; \
+             run `mesh-agent uninstall` (migration between ABIs is not implemented yet)",
+            layout.root.display(),
+            rec.version,
+            rec.layout_hash,
+            ABI_VERSION,
+            ABI_HASH
+        ),
+        None => {}
+    }
+
+    let map_paths: Vec<(&str, PathBuf)> =
+        map_names::ALL.iter().map(|n| (*n, layout.map(n))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+
+    let cgroup = fs::File::open(cgroup_root)
+        .with_context(|| format!("opening --cgroup-root {}", cgroup_root.display()))?;
+    for name in PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading program {name}"))?;
+        let pin = layout.link(name);
+        if pin.exists() {
+            let link = sys::obj_get(&pin)
+                .with_context(|| format!("opening pinned link {}", pin.display()))?;
+            sys::link_update(&link, prog.fd()?)
+                .with_context(|| format!("replacing the program of link {}", pin.display()))?;
+            report.replaced.push(name.to_string());
+        } else {
+            // With bpf_link the kernel always uses multi-attach semantics (other tools' programs at the same
+            // cgroup keep running) and rejects any flag, so the mode must be the flag-less `Single`.
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} at {}", cgroup_root.display()))?;
+            let link = FdLink::try_from(prog.take_link(id)?)?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning link {}", pin.display()))?;
+            report.attached.push(name.to_string());
+        }
+    }
+
+    // Written last: an install that failed half-way has no ABI record yet and is simply retried.
+    let mut abi: Array<MapData, AbiRecord> = Array::try_from(
+        ebpf.take_map(map_names::ABI)
+            .context("map abi missing from the object")?,
+    )?;
+    abi.set(
+        0,
+        AbiRecord {
+            version: ABI_VERSION,
+            layout_hash: ABI_HASH,
+        },
+        0,
+    )?;
+    // Dropping `ebpf` closes our fds; the pins keep the maps and the links (and so the programs) alive.
+    Ok(report)
+}
+
+/// Detaches every program and unpins everything under the layout. Idempotent; reports what it removed.
+pub fn uninstall(layout: &Layout) -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for name in PROGRAMS {
+        let pin = layout.link(name);
+        if !pin.exists() {
+            continue;
+        }
+        match PinnedLink::from_pin(&pin) {
+            // Unpinning drops the last reference to the link, which detaches the program.
+            Ok(link) => {
+                link.unpin()
+                    .with_context(|| format!("unpinning {}", pin.display()))?;
+            }
+            Err(e) => {
+                warn!(pin = %pin.display(), error = %e, "not a link; removing the pin anyway");
+                fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+            }
+        }
+        removed.push(pin.display().to_string());
+    }
+    for name in map_names::ALL {
+        let pin = layout.map(name);
+        if pin.exists() {
+            fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+            removed.push(pin.display().to_string());
+        }
+    }
+    for dir in [layout.links_dir(), layout.maps_dir(), layout.root.clone()] {
+        // Only empty directories go: anything else under the root is not ours to delete.
+        let _ = fs::remove_dir(&dir);
+    }
+    Ok(removed)
+}

@@ -1,0 +1,331 @@
+//! The reconciler: the only code that writes the service maps.
+//!
+//! It diffs the desired state against what is in the pinned maps and writes the minimum, in an order that keeps
+//! every intermediate state valid for a connect that runs concurrently:
+//! 1. new backends;
+//! 2. per service: the slots `0..n` first, then the service entry with `count = n`, then the slots `n..old`;
+//! 3. sweep: services that are no longer wanted, then slots of dead service ids, then unreferenced backends.
+//!
+//! It never flushes a map, so an agent restart keeps every working entry in place, and it is safe to re-run after a
+//! partial failure (the next run finishes the job).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv6Addr},
+};
+
+use aya::maps::{MapError, PerCpuValues};
+use mesh_common::{
+    ALG_RANDOM, Backend, MAX_SERVICES, PROTO_TCP, PROTO_UDP, ServiceCounters, ServiceKey,
+    ServiceValue, SlotKey, SlotValue, v4_mapped,
+};
+
+use super::Maps;
+use crate::state::{DesiredState, Frontend, Proto};
+
+/// A failed map operation, naming the map and the entry.
+#[derive(Debug, thiserror::Error)]
+#[error("{map}: {what}: {source}")]
+pub struct ReconcileError {
+    map: &'static str,
+    what: String,
+    #[source]
+    source: MapError,
+}
+
+fn err(map: &'static str, what: impl Into<String>) -> impl FnOnce(MapError) -> ReconcileError {
+    let what = what.into();
+    move |source| ReconcileError { map, what, source }
+}
+
+/// What one pass changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    pub upserts: usize,
+    pub deletes: usize,
+    pub services: usize,
+    pub backends: usize,
+}
+
+/// Kernel address form: IPv6 words in network order, IPv4 v4-mapped.
+pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+/// Inverse of [`addr_words`]; v4-mapped addresses come back as IPv4.
+pub fn words_addr(w: &[u32; 4]) -> IpAddr {
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(o);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+pub fn proto_num(p: Proto) -> u8 {
+    match p {
+        Proto::Tcp => PROTO_TCP,
+        Proto::Udp => PROTO_UDP,
+    }
+}
+
+pub fn proto_name(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        _ => "other",
+    }
+}
+
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    ServiceKey {
+        addr: addr_words(f.ip),
+        port: f.port.to_be(),
+        proto: proto_num(f.proto),
+        _pad: 0,
+    }
+}
+
+/// The lowest id in `1..limit` that is not in `used`.
+fn allocate(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
+    (1..limit).find(|id| !used.contains(id))
+}
+
+/// Writes desired state into the maps.
+pub struct Reconciler {
+    pub maps: Maps,
+    ncpus: usize,
+}
+
+impl Reconciler {
+    pub fn new(maps: Maps) -> anyhow::Result<Self> {
+        let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        Ok(Self { maps, ncpus })
+    }
+
+    /// Sums a service's per-CPU counters.
+    pub fn counters(&self, id: u32) -> ServiceCounters {
+        let mut total = ServiceCounters::default();
+        if let Ok(values) = self.maps.counters.get(&id, 0) {
+            for v in values.iter() {
+                total.balanced += v.balanced;
+                total.no_backend += v.no_backend;
+            }
+        }
+        total
+    }
+
+    /// The service id currently assigned to a frontend, if any.
+    pub fn service_id(&self, f: &Frontend) -> Option<u32> {
+        self.maps
+            .services
+            .get(&service_key(f), 0)
+            .ok()
+            .map(|v| v.id)
+    }
+
+    pub fn apply(&mut self, desired: &DesiredState) -> Result<Changes, ReconcileError> {
+        let mut ch = Changes::default();
+        let maps = &mut self.maps;
+
+        // Current kernel state. Iteration errors (an entry deleted under us) just skip that entry.
+        let cur_services: BTreeMap<ServiceKey, ServiceValue> =
+            maps.services.iter().filter_map(Result::ok).collect();
+        let cur_slots: BTreeMap<SlotKey, SlotValue> =
+            maps.slots.iter().filter_map(Result::ok).collect();
+        let cur_backends: BTreeMap<u32, Backend> =
+            maps.backends.iter().filter_map(Result::ok).collect();
+
+        // 1. Backends: reuse ids by address, allocate the rest.
+        let mut backend_ids: BTreeMap<Backend, u32> =
+            cur_backends.iter().map(|(id, b)| (*b, *id)).collect();
+        let mut used_backend_ids: BTreeSet<u32> = cur_backends.keys().copied().collect();
+        let mut wanted_backends = BTreeSet::new();
+        for (f, entry) in &desired.services {
+            for b in &entry.backends {
+                let be = Backend {
+                    addr: addr_words(b.ip),
+                    port: b.port.to_be(),
+                    proto: proto_num(f.proto),
+                    _pad: 0,
+                };
+                wanted_backends.insert(be);
+                if backend_ids.contains_key(&be) {
+                    continue;
+                }
+                let id = allocate(&used_backend_ids, u32::MAX).expect("backend ids exhausted");
+                maps.backends.insert(id, be, 0).map_err(err(
+                    "backends",
+                    format!("insert {} {}:{}", id, b.ip, b.port),
+                ))?;
+                used_backend_ids.insert(id);
+                backend_ids.insert(be, id);
+                ch.upserts += 1;
+            }
+        }
+
+        // 2. Services: slots first, then the count, then shrink.
+        let mut used_service_ids: BTreeSet<u32> = cur_services.values().map(|v| v.id).collect();
+        let mut live_ids = BTreeSet::new();
+        let mut wanted_keys = BTreeSet::new();
+        for (f, entry) in &desired.services {
+            let key = service_key(f);
+            wanted_keys.insert(key);
+            let old = cur_services.get(&key).copied();
+            let id = match old {
+                Some(v) => v.id,
+                None => {
+                    let Some(id) = allocate(&used_service_ids, MAX_SERVICES) else {
+                        return Err(ReconcileError {
+                            map: "services",
+                            what: format!(
+                                "no free service id for {}/{}",
+                                entry.namespace, entry.name
+                            ),
+                            source: MapError::OutOfBounds {
+                                index: MAX_SERVICES,
+                                max_entries: MAX_SERVICES,
+                            },
+                        });
+                    };
+                    used_service_ids.insert(id);
+                    // A reused id must not inherit the counts of the service that had it before.
+                    let zeros =
+                        PerCpuValues::try_from(vec![ServiceCounters::default(); self.ncpus])
+                            .expect("non-empty per-cpu values");
+                    maps.counters
+                        .set(id, zeros, 0)
+                        .map_err(err("svc_counters", format!("reset {id}")))?;
+                    id
+                }
+            };
+            live_ids.insert(id);
+            let ids: Vec<u32> = entry
+                .backends
+                .iter()
+                .map(|b| {
+                    backend_ids[&Backend {
+                        addr: addr_words(b.ip),
+                        port: b.port.to_be(),
+                        proto: proto_num(f.proto),
+                        _pad: 0,
+                    }]
+                })
+                .collect();
+            for (slot, backend_id) in ids.iter().enumerate() {
+                let sk = SlotKey {
+                    service_id: id,
+                    slot: slot as u32,
+                };
+                let sv = SlotValue {
+                    backend_id: *backend_id,
+                    _pad: 0,
+                };
+                if cur_slots.get(&sk) != Some(&sv) {
+                    maps.slots
+                        .insert(sk, sv, 0)
+                        .map_err(err("svc_slots", format!("insert {id}/{slot}")))?;
+                    ch.upserts += 1;
+                }
+            }
+            let value = ServiceValue {
+                id,
+                count: ids.len() as u32,
+                flags: 0,
+                algorithm: ALG_RANDOM,
+            };
+            if old != Some(value) {
+                maps.services.insert(key, value, 0).map_err(err(
+                    "services",
+                    format!(
+                        "insert {}/{} {}:{}",
+                        entry.namespace, entry.name, f.ip, f.port
+                    ),
+                ))?;
+                ch.upserts += 1;
+            }
+            // Slots past the new count: the kernel no longer picks them.
+            for sk in cur_slots
+                .keys()
+                .filter(|k| k.service_id == id && k.slot >= value.count)
+            {
+                remove(&mut maps.slots, sk, "svc_slots", &mut ch)?;
+            }
+        }
+
+        // 3. Sweep.
+        for key in cur_services.keys().filter(|k| !wanted_keys.contains(k)) {
+            remove(&mut maps.services, key, "services", &mut ch)?;
+        }
+        for sk in cur_slots
+            .keys()
+            .filter(|k| !live_ids.contains(&k.service_id))
+        {
+            remove(&mut maps.slots, sk, "svc_slots", &mut ch)?;
+        }
+        for (id, b) in &cur_backends {
+            if !wanted_backends.contains(b) {
+                remove(&mut maps.backends, id, "backends", &mut ch)?;
+            }
+        }
+
+        ch.services = desired.services.len();
+        ch.backends = wanted_backends.len();
+        Ok(ch)
+    }
+}
+
+fn remove<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    key: &K,
+    name: &'static str,
+    ch: &mut Changes,
+) -> Result<(), ReconcileError> {
+    match map.remove(key) {
+        Ok(()) => {
+            ch.deletes += 1;
+            Ok(())
+        }
+        // Already gone (for instance removed by a concurrent agent during a rolling restart): that is the goal.
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(err(name, format!("remove {key:?}"))(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip() {
+        for s in ["10.96.0.10", "::1", "fd00::5", "255.255.255.255"] {
+            let ip: IpAddr = s.parse().unwrap();
+            assert_eq!(words_addr(&addr_words(ip)), ip, "{s}");
+        }
+    }
+
+    #[test]
+    fn ipv4_is_v4_mapped_in_network_order() {
+        let w = addr_words("10.96.0.10".parse().unwrap());
+        assert!(mesh_common::is_v4_mapped(&w));
+        assert_eq!(w[3].to_ne_bytes(), [10, 96, 0, 10]);
+    }
+
+    #[test]
+    fn allocation_takes_the_lowest_free_id() {
+        let used: BTreeSet<u32> = [1, 2, 4].into_iter().collect();
+        assert_eq!(allocate(&used, 10), Some(3));
+        let full: BTreeSet<u32> = (1..10).collect();
+        assert_eq!(allocate(&full, 10), None);
+    }
+}

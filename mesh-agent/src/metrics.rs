@@ -1,0 +1,152 @@
+//! Prometheus metrics: the agent's own counters, plus a collector that reads the kernel's per-CPU service counters
+//! at scrape time (so a scrape always sees the kernel's numbers, with no polling in between).
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        info::Info,
+    },
+    registry::Registry,
+};
+
+use crate::datapath::Datapath;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectedLabels {
+    pub file: String,
+    pub object: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+    port: String,
+    proto: &'static str,
+    vip: String,
+}
+
+/// The agent's metrics, registered into one registry.
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconcile: Family<ResultLabel, Counter>,
+    pub source_errors: Counter,
+    pub rejected: Family<RejectedLabels, Gauge>,
+    pub services: Gauge,
+    pub backends: Gauge,
+}
+
+impl Metrics {
+    pub fn new(node: &str, datapath: Arc<Mutex<Datapath>>) -> Self {
+        let mut registry = Registry::with_prefix("sinew");
+        let info = Info::new(vec![
+            ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ("node".to_string(), node.to_string()),
+        ]);
+        registry.register("agent", "Agent build and node", info);
+        let reconcile = Family::<ResultLabel, Counter>::default();
+        registry.register("reconcile", "Reconcile passes by result", reconcile.clone());
+        let source_errors = Counter::default();
+        registry.register(
+            "source_errors",
+            "Rejected source files, counted on every load attempt",
+            source_errors.clone(),
+        );
+        let rejected = Family::<RejectedLabels, Gauge>::default();
+        registry.register(
+            "source_rejected",
+            "Source objects rejected right now (their file's last good content stays in force)",
+            rejected.clone(),
+        );
+        let services = Gauge::default();
+        registry.register(
+            "services",
+            "Service frontends in the kernel maps",
+            services.clone(),
+        );
+        let backends = Gauge::default();
+        registry.register("backends", "Backends in the kernel maps", backends.clone());
+        registry.register_collector(Box::new(KernelCounters { datapath }));
+        Self {
+            registry,
+            reconcile,
+            source_errors,
+            rejected,
+            services,
+            backends,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Reads `svc_counters` for every known service at scrape time.
+#[derive(Debug)]
+struct KernelCounters {
+    datapath: Arc<Mutex<Datapath>>,
+}
+
+impl Collector for KernelCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let rows: Vec<(ServiceLabels, u64, u64)> = {
+            let dp = self.datapath.lock().unwrap_or_else(|e| e.into_inner());
+            dp.service_counters()
+                .into_iter()
+                .map(|(f, entry, c)| {
+                    (
+                        ServiceLabels {
+                            service: format!("{}/{}", entry.namespace, entry.name),
+                            port: f.port.to_string(),
+                            proto: crate::ebpf::reconcile::proto_name(
+                                crate::ebpf::reconcile::proto_num(f.proto),
+                            ),
+                            vip: std::net::SocketAddr::new(f.ip, f.port).to_string(),
+                        },
+                        c.balanced,
+                        c.no_backend,
+                    )
+                })
+                .collect()
+        };
+        for (name, help, pick) in [
+            (
+                "service_balanced",
+                "Connects and UDP sends the kernel sent to a backend",
+                0usize,
+            ),
+            (
+                "service_no_backend",
+                "Connects and UDP sends the kernel refused because the service had no ready backend",
+                1usize,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (labels, balanced, no_backend) in &rows {
+                let v = if pick == 0 { *balanced } else { *no_backend };
+                ConstCounter::new(v).encode(family.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

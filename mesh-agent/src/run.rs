@@ -1,0 +1,149 @@
+//! `mesh-agent run`: install (or adopt) the datapath, then keep the maps in sync with the source.
+//!
+//! Loop: poll the source directory every 200 ms (a change reaches the maps well within 1 s), load it, compute the
+//! desired state (pure), apply it with the reconciler. A full resync runs every 30 s even without a change, which
+//! repairs drift (someone deleting an entry by hand). A failed apply is retried on the next tick; the maps keep the
+//! last good state in the meantime.
+
+use std::{
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{self, AdminState},
+    config::Config,
+    datapath::Datapath,
+    ebpf::{self, Layout, Maps, reconcile::Reconciler},
+    metrics::{Metrics, RejectedLabels, ResultLabel},
+    source::{
+        SourceError,
+        file::{FileSource, Watcher},
+    },
+    state,
+};
+
+const POLL: Duration = Duration::from_millis(200);
+const RESYNC: Duration = Duration::from_secs(30);
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    info!(
+        node = %cfg.node,
+        source_dir = %cfg.source_dir.display(),
+        cgroup_root = %cfg.cgroup_root.display(),
+        bpffs_root = %cfg.bpffs_root.display(),
+        admin_addr = %cfg.admin_addr,
+        log_format = ?cfg.log_format,
+        "effective configuration"
+    );
+    if !cfg.source_dir.is_dir() {
+        anyhow::bail!("source-dir {}: not a directory", cfg.source_dir.display());
+    }
+
+    let layout = Layout::new(&cfg.bpffs_root);
+    let report = ebpf::install(&layout, &cfg.cgroup_root)?;
+    info!(
+        attached = ?report.attached,
+        replaced = ?report.replaced,
+        adopted_maps = report.adopted_maps,
+        "datapath installed"
+    );
+    let datapath = Arc::new(Mutex::new(Datapath::new(Reconciler::new(Maps::open(
+        &layout,
+    )?)?)));
+    let admin_state = Arc::new(AdminState {
+        ready: false.into(),
+        metrics: Metrics::new(&cfg.node, datapath.clone()),
+        datapath: datapath.clone(),
+    });
+    admin::serve(cfg.admin_addr, admin_state.clone()).await?;
+
+    let mut source = FileSource::new(&cfg.source_dir);
+    let mut watcher = Watcher::new(&cfg.source_dir);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut last_sync: Option<Instant> = None;
+    let mut retry = false;
+    let mut last_errors: Vec<String> = Vec::new();
+    loop {
+        let due = retry || last_sync.is_none_or(|t| t.elapsed() >= RESYNC) || watcher.changed();
+        if due {
+            let (snapshot, errors) = source.load();
+            report_errors(&admin_state.metrics, &errors, &mut last_errors);
+            let desired = state::compute(&snapshot, &cfg.node);
+            let result = datapath
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply(desired);
+            let m = &admin_state.metrics;
+            match result {
+                Ok(ch) => {
+                    m.reconcile
+                        .get_or_create(&ResultLabel { result: "ok" })
+                        .inc();
+                    m.services.set(ch.services as i64);
+                    m.backends.set(ch.backends as i64);
+                    if ch.upserts + ch.deletes > 0 || last_sync.is_none() {
+                        info!(
+                            services = ch.services,
+                            backends = ch.backends,
+                            upserts = ch.upserts,
+                            deletes = ch.deletes,
+                            "reconciled"
+                        );
+                    }
+                    retry = false;
+                    if !admin_state.ready.swap(true, Ordering::AcqRel) {
+                        info!("ready: programs attached and first sync in the maps");
+                    }
+                }
+                Err(e) => {
+                    m.reconcile
+                        .get_or_create(&ResultLabel { result: "error" })
+                        .inc();
+                    error!(error = %e, "reconcile failed; the maps keep their last state, retrying");
+                    retry = true;
+                }
+            }
+            last_sync = Some(Instant::now());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    info!(
+        "exiting; programs stay attached and maps stay pinned (`mesh-agent uninstall` removes them)"
+    );
+    Ok(())
+}
+
+/// Logs source errors when they change (not on every poll) and mirrors them into metrics.
+fn report_errors(metrics: &Metrics, errors: &[SourceError], last: &mut Vec<String>) {
+    metrics.source_errors.inc_by(errors.len() as u64);
+    metrics.rejected.clear();
+    for e in errors {
+        metrics
+            .rejected
+            .get_or_create(&RejectedLabels {
+                file: e.file.display().to_string(),
+                object: e.object.clone(),
+                reason: e.reason.clone(),
+            })
+            .set(1);
+    }
+    let now: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    if now != *last {
+        for e in &now {
+            warn!(error = %e, "rejected source input; its file's last good content stays in force");
+        }
+        if now.is_empty() && !last.is_empty() {
+            info!("all source errors resolved");
+        }
+        *last = now;
+    }
+}

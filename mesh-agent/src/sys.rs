@@ -1,0 +1,122 @@
+//! The agent's few raw system calls that neither std nor aya 0.14 wrap: filesystem magic checks, mounting bpffs,
+//! and `BPF_LINK_UPDATE` (swapping the program behind a pinned cgroup link without detaching it).
+#![allow(unsafe_code)]
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+};
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `CGROUP2_SUPER_MAGIC` from linux/magic.h.
+pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn cstr(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// The filesystem magic number of `path` (`statfs(2)`).
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c = cstr(path)?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated string and st a valid out-pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+/// `mount -t bpf bpf <path>`.
+pub fn mount_bpffs(path: &Path) -> io::Result<()> {
+    let target = cstr(path)?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `union bpf_attr` as used by `BPF_LINK_UPDATE`.
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+const BPF_LINK_UPDATE: libc::c_long = 20;
+
+/// Atomically replaces the program behind a bpf_link. The attachment never goes away, so no connect can slip
+/// through unbalanced (or, later, unenforced) while the agent upgrades itself.
+pub fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_fd().as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_fd().as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: attr is a valid, fully initialised bpf_attr prefix and its size is passed along.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdateAttr,
+            std::mem::size_of::<LinkUpdateAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `union bpf_attr` as used by `BPF_OBJ_GET`.
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// Opens a pinned bpf object (here: a link) and returns an owned fd, which aya 0.14's `PinnedLink` does not expose.
+pub fn obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let c = cstr(path)?;
+    let attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: attr points at a valid NUL-terminated path that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGetAttr,
+            std::mem::size_of::<ObjGetAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a fresh fd that we now own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(rc as i32) })
+}

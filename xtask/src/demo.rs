@@ -1,0 +1,3 @@
+pub fn demo(_agent: &std::path::Path, _hold: bool) -> anyhow::Result<()> {
+    anyhow::bail!("todo")
+}

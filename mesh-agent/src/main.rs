@@ -43,6 +43,9 @@ enum Cmd {
     Status {
         #[command(flatten)]
         roots: Roots,
+        /// The agent's admin address, asked for readiness.
+        #[arg(long, value_name = "ADDR", default_value = config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -120,7 +123,11 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(anyhow::anyhow!("invalid configuration: {e}")),
         },
-        Cmd::Status { roots, output } => ebpf::inspect::status(&Layout::new(&roots.bpffs_root))
+        Cmd::Status {
+            roots,
+            admin_addr,
+            output,
+        } => ebpf::inspect::status(&Layout::new(&roots.bpffs_root), admin_addr)
             .map(|s| print(output, &s, |s| s.render())),
         Cmd::Dump {
             what: DumpWhat::Services,

@@ -1,6 +1,12 @@
 //! Read-only views of an install: `mesh-agent status` and `mesh-agent dump services`. They read the pins directly,
 //! so they work while the agent is down (which is when an operator most needs them).
 
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
 use aya::{
     maps::{MapInfo, MapType},
     programs::links::{FdLink, PinnedLink},
@@ -16,6 +22,8 @@ use super::{
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub bpffs_root: String,
+    /// The running agent's readiness, from its admin `/readyz`: `ready`, `not ready`, or why it was not reachable.
+    pub agent: String,
     pub abi: Option<AbiStatus>,
     pub programs: Vec<ProgramStatus>,
     pub maps: Vec<MapStatus>,
@@ -48,7 +56,27 @@ pub struct MapStatus {
     pub max_entries: Option<u32>,
 }
 
-pub fn status(layout: &Layout) -> anyhow::Result<Status> {
+/// Asks a running agent's admin endpoint whether it is ready. Plain blocking HTTP/1.0 with short timeouts: this is
+/// a one-shot CLI, and the agent may well be down (which is a normal answer, not an error).
+pub fn probe_ready(addr: SocketAddr) -> String {
+    let timeout = Duration::from_millis(500);
+    let attempt = || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: sinew\r\n\r\n")?;
+        let mut resp = String::new();
+        s.take(4096).read_to_string(&mut resp)?;
+        Ok(resp)
+    };
+    match attempt() {
+        Ok(r) if r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200") => "ready".into(),
+        Ok(_) => "not ready".into(),
+        Err(e) => format!("not reachable at {addr} ({e})"),
+    }
+}
+
+pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
     let abi = pinned_abi(layout).ok().flatten().map(|r| AbiStatus {
         version: r.version,
         layout_hash: r.layout_hash,
@@ -111,6 +139,7 @@ pub fn status(layout: &Layout) -> anyhow::Result<Status> {
         .collect();
     Ok(Status {
         bpffs_root: layout.root.display().to_string(),
+        agent: probe_ready(admin),
         abi,
         programs,
         maps,
@@ -129,7 +158,7 @@ fn map_kind(t: MapType) -> &'static str {
 
 impl Status {
     pub fn render(&self) -> String {
-        let mut out = format!("bpffs root: {}\n", self.bpffs_root);
+        let mut out = format!("bpffs root: {}\nagent: {}\n", self.bpffs_root, self.agent);
         match &self.abi {
             Some(a) => {
                 out += &format!(

@@ -33,7 +33,7 @@ use serde::de::DeserializeOwned;
 use crate::guards::{Bpffs, Cgroup, Netns, Veth};
 use crate::manifest::SourceDir;
 use crate::process::{Proc, ProcOutput};
-use crate::testpod::{ConnectReport, ServeReady, UdpReport};
+use crate::testpod::{ConnectReport, CrrReport, RrReport, ServeReady, UdpReport};
 use crate::util::unique_id;
 
 /// How long links may take to become operationally up (the kernel batches these updates about once a second).
@@ -781,6 +781,54 @@ impl Pod {
             args.push("--new-socket-each");
         }
         self.run_json(&args, bound)
+    }
+}
+
+impl Pod {
+    /// Request/response over one connection to `to`: `size`-byte requests echoed back, for at most `duration_ms`
+    /// or `max_requests` requests (latency percentiles in microseconds).
+    pub fn rr(
+        &self,
+        to: &str,
+        size: usize,
+        duration_ms: u64,
+        max_requests: u64,
+    ) -> Result<RrReport> {
+        let bound = Duration::from_millis(duration_ms + 15_000);
+        self.run_json(
+            &[
+                "rr",
+                "--to",
+                to,
+                "--size",
+                &size.to_string(),
+                "--duration-ms",
+                &duration_ms.to_string(),
+                "--max-requests",
+                &max_requests.to_string(),
+            ],
+            bound,
+        )
+    }
+
+    /// A new connection per `size`-byte request/response to `to`, for at most `duration_ms` or `max` cycles
+    /// (connections per second and cycle latency).
+    pub fn crr(&self, to: &str, size: usize, duration_ms: u64, max: u64) -> Result<CrrReport> {
+        let bound = Duration::from_millis(duration_ms + 15_000);
+        self.run_json(
+            &[
+                "crr",
+                "--to",
+                to,
+                "--size",
+                &size.to_string(),
+                "--duration-ms",
+                &duration_ms.to_string(),
+                "--max",
+                &max.to_string(),
+            ],
+            bound,
+        )
     }
 }
 

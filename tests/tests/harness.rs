@@ -4,7 +4,6 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use sinew_tests::{Topology, require_privileged, testpod_bin};
 
@@ -99,40 +98,10 @@ fn pods_talk_through_the_node_and_everything_is_removed() {
     eprintln!("unbalanced VIP connect: {:?}", r.failures);
 
     // rr and crr work against the same server.
-    let rr: sinew_tests::testpod::RrReport = client
-        .run_json(
-            &[
-                "rr",
-                "--to",
-                &to4,
-                "--size",
-                "1024",
-                "--duration-ms",
-                "200",
-                "--max-requests",
-                "500",
-            ],
-            Duration::from_secs(10),
-        )
-        .expect("rr");
+    let rr = client.rr(&to4, 1024, 200, 500).expect("rr");
     assert!(rr.requests > 0 && rr.error.is_none(), "{rr:#?}");
     assert_eq!(rr.name, "server");
-    let crr: sinew_tests::testpod::CrrReport = client
-        .run_json(
-            &[
-                "crr",
-                "--to",
-                &to4,
-                "--size",
-                "64",
-                "--duration-ms",
-                "200",
-                "--max",
-                "200",
-            ],
-            Duration::from_secs(10),
-        )
-        .expect("crr");
+    let crr = client.crr(&to4, 64, 200, 200).expect("crr");
     assert!(crr.connections > 0 && crr.failed == 0, "{crr:#?}");
 
     drop(srv);

@@ -1,5 +1,6 @@
 //! The one gate in front of every privileged test, and the sweep of leftovers from killed test processes.
 
+use std::io::Write;
 use std::path::Path;
 use std::sync::Once;
 
@@ -52,18 +53,14 @@ pub fn require_privileged(test_name: &str) -> bool {
             if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
                 panic!("{test_name}: privileged test cannot run under CI: {why}");
             }
-            eprintln!();
-            eprintln!(
-                "################################################################################"
+            // Written to the stderr handle directly: libtest captures `eprintln!` of passing tests, and a skip must
+            // be visible.
+            let banner = format!(
+                "\n{bar}\n## SKIPPED privileged test `{test_name}`: {why}\n## Run as root with cgroup2 at \
+                 {CGROUP2_ROOT} (CI=true turns this skip into a failure).\n{bar}\n",
+                bar = "#".repeat(80)
             );
-            eprintln!("## SKIPPED privileged test `{test_name}`: {why}");
-            eprintln!(
-                "## Run as root with cgroup2 at {CGROUP2_ROOT} (CI=true turns this skip into a failure)."
-            );
-            eprintln!(
-                "################################################################################"
-            );
-            eprintln!();
+            let _ = std::io::stderr().lock().write_all(banner.as_bytes());
             false
         }
     }

@@ -7,6 +7,7 @@
 
 mod bench;
 mod demo;
+mod os;
 mod setup;
 
 use std::{

@@ -60,7 +60,7 @@ struct LinkUpdateAttr {
     old_prog_fd: u32,
 }
 
-const BPF_LINK_UPDATE: libc::c_long = 20;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// Atomically replaces the program behind a bpf_link. The attachment never goes away, so no connect can slip
 /// through unbalanced (or, later, unenforced) while the agent upgrades itself.

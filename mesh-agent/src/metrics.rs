@@ -37,6 +37,19 @@ struct ServiceLabels {
     vip: String,
 }
 
+/// Makes a string safe as a label value. prometheus-client 0.23 writes label values verbatim, so a `"`, `\` or
+/// newline (common in error reasons) would break the whole scrape; they become `'`, `/` and a space.
+pub fn label_value(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '"' => '\'',
+            '\\' => '/',
+            '\n' | '\r' => ' ',
+            c => c,
+        })
+        .collect()
+}
+
 /// The agent's metrics, registered into one registry.
 pub struct Metrics {
     pub registry: Registry,
@@ -111,7 +124,7 @@ impl Collector for KernelCounters {
                 .map(|(f, entry, c)| {
                     (
                         ServiceLabels {
-                            service: format!("{}/{}", entry.namespace, entry.name),
+                            service: label_value(&format!("{}/{}", entry.namespace, entry.name)),
                             port: f.port.to_string(),
                             proto: crate::ebpf::reconcile::proto_name(
                                 crate::ebpf::reconcile::proto_num(f.proto),
@@ -148,5 +161,18 @@ impl Collector for KernelCounters {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::label_value;
+
+    #[test]
+    fn label_values_never_break_the_exposition() {
+        assert_eq!(
+            label_value("spec.clusterIP: \"10.96.0.999\" is\nnot \\ an IP"),
+            "spec.clusterIP: '10.96.0.999' is not / an IP"
+        );
     }
 }

@@ -18,7 +18,7 @@ use crate::{
     config::Config,
     datapath::Datapath,
     ebpf::{self, Layout, Maps, reconcile::Reconciler},
-    metrics::{Metrics, RejectedLabels, ResultLabel},
+    metrics::{Metrics, RejectedLabels, ResultLabel, label_value},
     source::{
         SourceError,
         file::{FileSource, Watcher},
@@ -130,9 +130,9 @@ fn report_errors(metrics: &Metrics, errors: &[SourceError], last: &mut Vec<Strin
         metrics
             .rejected
             .get_or_create(&RejectedLabels {
-                file: e.file.display().to_string(),
-                object: e.object.clone(),
-                reason: e.reason.clone(),
+                file: label_value(&e.file.display().to_string()),
+                object: label_value(&e.object),
+                reason: label_value(&e.reason),
             })
             .set(1);
     }

@@ -103,6 +103,31 @@ pub fn proc_cpu(pid: u32) -> Option<Duration> {
     Some(Duration::from_micros(ticks * 1_000_000 / hz))
 }
 
+/// Turns on the kernel's per-program run-time statistics (`run_time_ns`, `run_cnt` in `bpftool prog show`) for as
+/// long as the returned fd is open (`BPF_ENABLE_STATS`). Unlike the `kernel.bpf_stats_enabled` sysctl this cannot
+/// be left on by accident: the kernel turns it off when the last such fd closes, also if xtask is killed.
+pub fn enable_bpf_stats() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr { struct { __u32 type; } enable_stats; ... } with type = BPF_STATS_RUN_TIME (0). The kernel
+    // zero-fills the rest of the union when we pass a shorter size.
+    let attr: u32 = 0;
+    // SAFETY: the kernel reads `size_of::<u32>()` bytes from a valid u32 and writes nothing back.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            &attr as *const u32,
+            std::mem::size_of::<u32>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a successful BPF_ENABLE_STATS returns a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
 /// Sets an environment variable for this process and the children it starts.
 pub fn set_env(key: &str, value: &std::ffi::OsStr) {
     // SAFETY: called from xtask's main thread before demo/bench start any thread (the harness spawns its stdout

@@ -204,9 +204,12 @@ pub struct AgentStatus {
 pub struct ProgramStatus {
     /// Program name (`connect4`, ...).
     pub name: String,
-    /// Kernel program id.
+    /// Kernel program id (behind the link).
     #[serde(default)]
-    pub id: Option<u64>,
+    pub program_id: Option<u64>,
+    /// Kernel link id: stays the same for as long as the program has never been detached.
+    #[serde(default)]
+    pub link_id: Option<u64>,
     /// Whether its link is attached.
     #[serde(default)]
     pub attached: bool,

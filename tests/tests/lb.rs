@@ -242,3 +242,60 @@ fn balanced_counter_counts_every_connect() {
         "{s:?}"
     );
 }
+
+#[test]
+fn ipv6_vip_balances_tcp_and_udp_to_ipv6_backends() {
+    if !require_privileged("ipv6_vip_balances_tcp_and_udp_to_ipv6_backends") {
+        return;
+    }
+    // A single-stack IPv6 Service beside the scenario's IPv4 one: connect6/sendmsg6/recvmsg6/getpeername6 with
+    // real IPv6 addresses, and only the pods' IPv6 addresses as backends.
+    const VIP6: &str = "fd00:96::10";
+    let web6 = Service::new("web6", VIP6)
+        .port(ServicePort::tcp("http", 80, 8080))
+        .port(ServicePort::udp("dns", 53, 8080))
+        .selector("app", "web");
+    let f = fixture(
+        "lb-ipv6",
+        LbOptions {
+            ipv6: true,
+            extra_files: vec![("service-web6.yaml".into(), vec![web6.to_value()])],
+            ..Default::default()
+        },
+    );
+    let dump = f.agent.cli().dump_services().expect("dump services");
+    let svc = dump
+        .iter()
+        .find(|s| s.vip == VIP6 && s.port == 80)
+        .unwrap_or_else(|| panic!("no [{VIP6}]:80 in {dump:#?}"));
+    assert_eq!(svc.count, 3, "{svc:#?}");
+    for b in &svc.backends {
+        assert!(
+            b.addr.contains(':'),
+            "IPv4 backend {b:?} behind an IPv6 VIP"
+        );
+    }
+
+    let tcp = format!("[{VIP6}]:80");
+    let r = f.connect(&tcp, 60, 0, 2000).expect("tcp-connect v6");
+    assert_all_ok(&r, "60 connects to the IPv6 VIP");
+    assert_spread(&r, &["b1", "b2", "b3"]);
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        vec![&tcp],
+        "getpeername: {:?}",
+        r.peers
+    );
+
+    let udp = format!("[{VIP6}]:53");
+    let u = f
+        .client
+        .udp_send(&udp, 20, 1000, true)
+        .expect("udp-send v6");
+    assert_eq!((u.received, u.failed), (20, 0), "{u:#?}");
+    assert_eq!(
+        u.sources.keys().collect::<Vec<_>>(),
+        vec![&udp],
+        "recvfrom source: {u:#?}"
+    );
+}

@@ -84,6 +84,7 @@ fn kill9_and_restart_lose_no_connection_and_reconcile() {
     client
         .wait_for_line(Duration::from_secs(5), |l| l.contains("\"progress\""))
         .expect("client progress");
+    let before = f.agent.cli().status().expect("status before kill -9");
     let killed_at = unix_ms();
     f.agent.kill9().expect("kill -9");
 
@@ -123,6 +124,28 @@ fn kill9_and_restart_lose_no_connection_and_reconcile() {
         .wait_ready(Duration::from_secs(20))
         .expect("ready after restart");
     let ready_at = unix_ms();
+
+    // The restart swapped new programs into the same links (BPF_LINK_UPDATE): every link id is unchanged, so the
+    // programs were never detached, and every program id is new, so the restarted agent's code is what runs.
+    let after = f.agent.cli().status().expect("status after restart");
+    for p in &before.programs {
+        let q = after
+            .programs
+            .iter()
+            .find(|q| q.name == p.name)
+            .unwrap_or_else(|| panic!("{} missing after restart: {after:#?}", p.name));
+        assert!(p.link_id.is_some() && q.attached, "{p:#?} / {q:#?}");
+        assert_eq!(
+            p.link_id, q.link_id,
+            "{}: the link was replaced, not updated",
+            p.name
+        );
+        assert_ne!(
+            p.program_id, q.program_id,
+            "{}: the old program still runs",
+            p.name
+        );
+    }
 
     let out = client
         .wait(client_bound(count, interval, timeout))

@@ -18,12 +18,10 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }
     HashMap::new();
 
 #[btf_map(name = "svc_slots")]
-pub static SLOTS: HashMap<SlotKey, SlotValue, { MAX_SLOTS as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static SLOTS: HashMap<SlotKey, SlotValue, { MAX_SLOTS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map(name = "backends")]
-pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map(name = "rev_nat")]
 pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue, { MAX_REV_NAT as usize }> =

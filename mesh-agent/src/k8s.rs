@@ -168,6 +168,14 @@ pub struct EndpointPort {
     pub protocol: String,
 }
 
+/// `v1 Namespace`. Cluster-scoped; only its labels matter (enrollment, later), so only metadata is read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Namespace {
+    #[serde(default, deserialize_with = "null_default")]
+    pub metadata: ObjectMeta,
+}
+
 /// `v1 Pod`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -415,7 +415,7 @@ fn to_object(value: Value, origin: Option<(&str, usize)>) -> Result<Object, Stri
         .ok_or("missing kind")?
         .to_owned();
     let expected = match kind.as_str() {
-        "Service" | "Pod" => "v1",
+        "Service" | "Pod" | "Namespace" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
         _ => return Err(format!("unsupported kind {kind} ({api_version})")),
     };
@@ -427,6 +427,7 @@ fn to_object(value: Value, origin: Option<(&str, usize)>) -> Result<Object, Stri
     let object = match kind.as_str() {
         "Service" => serde_yaml::from_value(value).map(Object::Service),
         "Pod" => serde_yaml::from_value(value).map(Object::Pod),
+        "Namespace" => serde_yaml::from_value(value).map(Object::Namespace),
         _ => serde_yaml::from_value(value).map(Object::EndpointSlice),
     };
     object.map_err(|e| {
@@ -444,6 +445,7 @@ fn error_in_text(text: &str, index: usize, kind: &str) -> Option<String> {
         "Service" => Service::deserialize(document).map(drop),
         "Pod" => Pod::deserialize(document).map(drop),
         "EndpointSlice" => EndpointSlice::deserialize(document).map(drop),
+        "Namespace" => crate::k8s::Namespace::deserialize(document).map(drop),
         _ => return None,
     };
     result.err().map(|e| e.to_string())
@@ -607,6 +609,19 @@ status:
         };
         assert_eq!(pod.service_account(), "web");
         assert_eq!(pod.spec.node_name.as_deref(), Some("node-a"));
+    }
+
+    #[test]
+    fn namespaces_are_read_and_cluster_scoped() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {sinew.dev/mesh: enabled}\n";
+        let objects = parse_file(Path::new("ns.yaml"), text).unwrap();
+        assert_eq!(objects[0].key().to_string(), "Namespace shop");
+        let mut snapshot = Snapshot::default();
+        snapshot.push(objects[0].clone());
+        assert_eq!(
+            snapshot.namespaces[0].metadata.labels["sinew.dev/mesh"],
+            "enabled"
+        );
     }
 
     #[test]

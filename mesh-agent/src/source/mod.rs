@@ -14,7 +14,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::k8s::{EndpointSlice, IntOrString, ObjectMeta, Pod, SERVICE_NAME_LABEL, Service};
+use crate::k8s::{
+    EndpointSlice, IntOrString, Namespace, ObjectMeta, Pod, SERVICE_NAME_LABEL, Service,
+};
 
 pub mod file;
 
@@ -24,6 +26,7 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub pods: Vec<Pod>,
+    pub namespaces: Vec<Namespace>,
 }
 
 /// One rejected input. The admin endpoint exports these as `sinew_source_rejected{file,object,reason}`.
@@ -44,6 +47,7 @@ pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     Pod(Pod),
+    Namespace(Namespace),
 }
 
 /// What makes two objects "the same object": kind, namespace and name, as in the API server.
@@ -60,6 +64,7 @@ impl Object {
             Object::Service(_) => "Service",
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::Pod(_) => "Pod",
+            Object::Namespace(_) => "Namespace",
         }
     }
 
@@ -68,14 +73,20 @@ impl Object {
             Object::Service(s) => &s.metadata,
             Object::EndpointSlice(s) => &s.metadata,
             Object::Pod(p) => &p.metadata,
+            Object::Namespace(n) => &n.metadata,
         }
     }
 
     pub fn key(&self) -> ObjectKey {
         let meta = self.metadata();
+        // Namespaces are cluster-scoped: whatever metadata.namespace says is meaningless for them.
+        let namespace = match self {
+            Object::Namespace(_) => String::new(),
+            _ => meta.namespace.clone(),
+        };
         ObjectKey {
             kind: self.kind(),
-            namespace: meta.namespace.clone(),
+            namespace,
             name: meta.name.clone(),
         }
     }
@@ -86,6 +97,10 @@ impl Object {
             Object::Service(s) => validate_service(s),
             Object::EndpointSlice(s) => validate_endpoint_slice(s),
             Object::Pod(p) => validate_pod(p),
+            Object::Namespace(n) if n.metadata.name.is_empty() => {
+                Err("metadata.name: must not be empty".into())
+            }
+            Object::Namespace(_) => Ok(()),
         }
     }
 }
@@ -93,7 +108,11 @@ impl Object {
 impl fmt::Display for ObjectKey {
     /// `Service default/web`: how errors name an object.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
     }
 }
 
@@ -104,6 +123,7 @@ impl Snapshot {
             Object::Service(s) => self.services.push(s),
             Object::EndpointSlice(s) => self.endpoint_slices.push(s),
             Object::Pod(p) => self.pods.push(p),
+            Object::Namespace(n) => self.namespaces.push(n),
         }
     }
 }

@@ -247,7 +247,7 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
         );
     }
     println!(
-        "bench: {} repeats x {} ms, {SIZE} B request/response, {} parallel conns; order per repeat: direct, sinew-vip",
+        "bench: {} repeats x {} ms, {SIZE} B request/response, {} parallel conns; order: direct, sinew-vip in even repeats, reversed in odd ones",
         a.repeats, a.duration_ms, a.conns
     );
     let kinds: Vec<Kind> = [Kind::Rr, Kind::RrN, Kind::Crr]
@@ -290,8 +290,16 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
     }
     let mut runs: Vec<Run> = Vec::new();
     for rep in 0..a.repeats {
+        // Counterbalanced: direct first in even repeats, sinew-vip first in odd ones, so a position effect (the
+        // run after a CPU-saturating one may find the shared host's CPU budget spent; one early a,b-only run had
+        // sinew-vip, always second, lower in all three 16-connection repeats) lands on both sides alike.
+        let order: Vec<&Scenario> = if rep % 2 == 0 {
+            scenarios.iter().collect()
+        } else {
+            scenarios.iter().rev().collect()
+        };
         for k in &kinds {
-            for s in &scenarios {
+            for s in order.iter().copied() {
                 check_interrupt()?;
                 srv = ensure_server(&server, srv)?;
                 let r = measure(&clients, s, *k, a.duration_ms, a.conns, rep)?;
@@ -436,7 +444,7 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
         "unix_ts": started,
         "settings": {
             "repeats": a.repeats, "duration_ms": a.duration_ms, "conns": a.conns, "size": SIZE,
-            "warmup_ms": WARMUP_MS, "io_timeout_ms": IO_TIMEOUT_MS, "order": "per repeat and kind: direct, sinew-vip",
+            "warmup_ms": WARMUP_MS, "io_timeout_ms": IO_TIMEOUT_MS, "order": "per repeat and kind: direct, sinew-vip in even repeats (0, 2, ...), sinew-vip, direct in odd ones",
         },
         "machine": {
             "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),

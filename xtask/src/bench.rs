@@ -255,8 +255,8 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
         .filter(|k| *k != Kind::RrN || a.conns > 0)
         .collect();
     // The exact cost of Sinew on this path: the kernel's own count and run time of the connect4 program.
-    // Untyped: the agent prints `program_id` (and `link_id`) where the contract and the harness's typed view say
-    // `id`; accept either.
+    // Untyped, accepting `program_id` (what the agent prints) or `id` (what docs/agent-contract.md's example still
+    // shows), so a rename on either side does not silently drop the measurement.
     let status = agent.cli().status_value()?;
     let connect4_id = status["programs"]
         .as_array()

@@ -337,7 +337,9 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
         (Some(b), Some(e)) => Some(e.saturating_sub(b)),
         _ => None,
     };
+    // Steady-state RSS is what a node pays; the peak comes from parsing kernel BTF once at load time.
     let agent_rss = agent.pid().map(|p| proc_status_kib(p, "VmHWM:"));
+    let agent_rss_now = agent.pid().map(|p| proc_status_kib(p, "VmRSS:"));
     drop(srv);
 
     // Medians, ratios, target check.
@@ -425,12 +427,15 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
     }
     if let Some(c) = agent_cpu {
         println!(
-            "agent: {} CPU during the measurements (it is not on the data path), peak RSS {} KiB",
+            "agent: {} CPU during the measurements (it is not on the data path), RSS {} KiB (peak {} KiB, at load)",
             if c.is_zero() {
                 "< 10 ms".to_string()
             } else {
                 format!("{:.0} ms", c.as_secs_f64() * 1000.0)
             },
+            agent_rss_now
+                .flatten()
+                .map_or("?".into(), |k| k.to_string()),
             agent_rss.flatten().map_or("?".into(), |k| k.to_string())
         );
     }
@@ -472,6 +477,7 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
         "connect4_prog": connect4.map(|(runs, ns)| json!({"runs": runs, "avg_ns": ns})),
         "agent": {
             "cpu_ms": agent_cpu.map(|c| c.as_secs_f64() * 1000.0),
+            "rss_kib": agent_rss_now.flatten(),
             "rss_peak_kib": agent_rss.flatten(),
         },
         "table": table,

@@ -37,24 +37,14 @@ pub mod map_names {
     pub const SLOTS: &str = "svc_slots";
     /// backend id (`u32`) -> [`crate::Backend`].
     pub const BACKENDS: &str = "backends";
-    /// [`crate::RevNatKey`] -> [`crate::RevNatValue`] (LRU): unconnected UDP sends.
+    /// [`crate::RevNatKey`] -> [`crate::RevNatValue`] (LRU).
     pub const REV_NAT: &str = "rev_nat";
-    /// socket -> [`crate::SockRevNat`] (socket-local storage): connected sockets.
-    pub const SOCK_REV_NAT: &str = "sock_rev_nat";
     /// service id (`u32`, array index) -> per-CPU [`crate::ServiceCounters`].
     pub const COUNTERS: &str = "svc_counters";
     /// index 0 -> [`crate::AbiRecord`].
     pub const ABI: &str = "abi";
     /// Every map, in the order the agent creates and pins them.
-    pub const ALL: [&str; 7] = [
-        SERVICES,
-        SLOTS,
-        BACKENDS,
-        REV_NAT,
-        SOCK_REV_NAT,
-        COUNTERS,
-        ABI,
-    ];
+    pub const ALL: [&str; 6] = [SERVICES, SLOTS, BACKENDS, REV_NAT, COUNTERS, ABI];
 }
 
 /// A service frontend: VIP, port and protocol. Slot 0 of the classic Cilium layout is this map's value.
@@ -152,22 +142,6 @@ pub struct RevNatValue {
 }
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 24);
 
-/// Reverse NAT kept in the socket itself (`BPF_MAP_TYPE_SK_STORAGE`) for connected sockets (TCP, connected UDP):
-/// it lives exactly as long as the socket, so a long-lived connection can never lose its entry to LRU eviction,
-/// and closing the socket frees it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockRevNat {
-    /// The backend the socket was connected to.
-    pub backend_addr: [u32; 4],
-    /// The VIP the application asked for.
-    pub vip_addr: [u32; 4],
-    pub backend_port: u16,
-    pub vip_port: u16,
-    pub service_id: u32,
-}
-const _: () = assert!(core::mem::size_of::<SockRevNat>() == 40);
-
 /// Per-service, per-CPU counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -199,7 +173,6 @@ pub const ABI_HASH: u32 = {
         core::mem::size_of::<Backend>(),
         core::mem::size_of::<RevNatKey>(),
         core::mem::size_of::<RevNatValue>(),
-        core::mem::size_of::<SockRevNat>(),
         core::mem::size_of::<ServiceCounters>(),
         MAX_SERVICES as usize,
         MAX_SLOTS as usize,
@@ -242,7 +215,6 @@ mod user {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
-    unsafe impl aya::Pod for SockRevNat {}
     unsafe impl aya::Pod for ServiceCounters {}
     unsafe impl aya::Pod for AbiRecord {}
 }

@@ -9,11 +9,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    Backend, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, SlotKey, SockRevNat,
-    is_v4_mapped, v4_mapped,
+    Backend, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, SlotKey, is_v4_mapped,
+    v4_mapped,
 };
 
-use crate::maps::{BACKENDS, COUNTERS, REV_NAT, SERVICES, SLOTS, SOCK_REV_NAT};
+use crate::maps::{BACKENDS, COUNTERS, REV_NAT, SERVICES, SLOTS};
 
 /// Returned to let the syscall go on (possibly with a rewritten address).
 const ALLOW: i32 = 1;
@@ -26,10 +26,9 @@ const ECONNREFUSED: i32 = 111;
 /// How to choose among a service's slots.
 #[derive(Clone, Copy)]
 pub enum Pick {
-    /// connect(): a fresh random slot per connect (TCP has no source port yet to hash on).
+    /// A fresh random slot per connect (TCP has no source port yet to hash on).
     Random,
-    /// sendmsg() on an unconnected UDP socket: hash of the socket cookie, so one socket keeps one backend while
-    /// the slots are unchanged.
+    /// Hash of the socket cookie: one unconnected UDP socket keeps one backend while the slots are unchanged.
     PerSocket,
 }
 
@@ -150,30 +149,7 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey, pick: Pick) -> Outcome {
     Outcome::To(unsafe { *b }, svc.id)
 }
 
-fn remember(
-    ctx: &SockAddrContext,
-    key: &ServiceKey,
-    backend: &Backend,
-    service_id: u32,
-    pick: Pick,
-) {
-    if let Pick::Random = pick {
-        // connect(): one peer for the socket's whole life, so the entry lives in the socket itself.
-        let mut v = SockRevNat {
-            backend_addr: backend.addr,
-            vip_addr: key.addr,
-            backend_port: backend.port,
-            vip_port: key.port,
-            service_id,
-        };
-        let p = unsafe { SOCK_REV_NAT.get_or_insert_ptr_mut(ctx, Some(&mut v)) };
-        if !p.is_null() {
-            // An existing entry (a UDP socket connecting again) is returned as it was: overwrite it.
-            unsafe { *p = v };
-            return;
-        }
-        // No storage (memory pressure): fall back to the LRU so getpeername still works.
-    }
+fn remember(ctx: &SockAddrContext, key: &ServiceKey, backend: &Backend, service_id: u32) {
     let rk = RevNatKey {
         cookie: cookie(ctx),
         addr: backend.addr,
@@ -220,7 +196,7 @@ pub fn connect4(ctx: &SockAddrContext, pick: Pick) -> i32 {
             if !is_v4_mapped(&b.addr) {
                 return ALLOW;
             }
-            remember(ctx, &key, &b, id, pick);
+            remember(ctx, &key, &b, id);
             store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, b.addr[3]);
             set_user_port(ctx, b.port);
             ALLOW
@@ -243,7 +219,7 @@ pub fn connect6(ctx: &SockAddrContext, pick: Pick) -> i32 {
         Outcome::Pass => ALLOW,
         Outcome::Refuse => refuse(),
         Outcome::To(b, id) => {
-            remember(ctx, &key, &b, id, pick);
+            remember(ctx, &key, &b, id);
             set_user_ip6(ctx, &b.addr);
             set_user_port(ctx, b.port);
             ALLOW
@@ -251,39 +227,28 @@ pub fn connect6(ctx: &SockAddrContext, pick: Pick) -> i32 {
     }
 }
 
-/// The VIP (address, port) to show for a peer address, if the peer is a backend this socket reached via a VIP.
-fn lookup_rev(ctx: &SockAddrContext, addr: [u32; 4]) -> Option<([u32; 4], u16)> {
-    let port = user_port(ctx);
-    let s = unsafe { SOCK_REV_NAT.get_ptr_mut(ctx) };
-    if !s.is_null() {
-        let s = unsafe { *s };
-        if s.backend_addr == addr && s.backend_port == port {
-            return Some((s.vip_addr, s.vip_port));
-        }
-    }
+fn lookup_rev(ctx: &SockAddrContext, addr: [u32; 4]) -> Option<RevNatValue> {
     let rk = RevNatKey {
         cookie: cookie(ctx),
         addr,
-        port,
+        port: user_port(ctx),
         _pad: [0; 6],
     };
-    REV_NAT
-        .get_ptr(&rk)
-        .map(|v| unsafe { ((*v).addr, (*v).port) })
+    REV_NAT.get_ptr(&rk).map(|v| unsafe { *v })
 }
 
 /// `getpeername`/`recvmsg` on an IPv4 socket: show the VIP instead of the backend.
 pub fn reverse4(ctx: &SockAddrContext) {
     let ip4 = load(unsafe { addr_of!((*sa(ctx)).user_ip4) });
-    if let Some((addr, port)) = lookup_rev(ctx, v4_mapped(ip4)) {
-        store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, addr[3]);
-        set_user_port(ctx, port);
+    if let Some(v) = lookup_rev(ctx, v4_mapped(ip4)) {
+        store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, v.addr[3]);
+        set_user_port(ctx, v.port);
     }
 }
 
 pub fn reverse6(ctx: &SockAddrContext) {
-    if let Some((addr, port)) = lookup_rev(ctx, user_ip6(ctx)) {
-        set_user_ip6(ctx, &addr);
-        set_user_port(ctx, port);
+    if let Some(v) = lookup_rev(ctx, user_ip6(ctx)) {
+        set_user_ip6(ctx, &v.addr);
+        set_user_port(ctx, v.port);
     }
 }

@@ -2,12 +2,12 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use mesh_common::{
     AbiRecord, Backend, MAX_BACKENDS, MAX_REV_NAT, MAX_SERVICES, MAX_SLOTS, RevNatKey, RevNatValue,
-    ServiceCounters, ServiceKey, ServiceValue, SlotKey, SlotValue, SockRevNat,
+    ServiceCounters, ServiceKey, ServiceValue, SlotKey, SlotValue,
 };
 
 // Only the agent writes services, slots and backends; allocating on insert keeps an idle node's memory small.
@@ -26,10 +26,6 @@ pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLO
 #[btf_map(name = "rev_nat")]
 pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue, { MAX_REV_NAT as usize }> =
     LruHashMap::new();
-
-/// Reverse NAT of connected sockets, stored in the socket (freed with it).
-#[btf_map(name = "sock_rev_nat")]
-pub static SOCK_REV_NAT: SkStorage<SockRevNat> = SkStorage::new();
 
 #[btf_map(name = "svc_counters")]
 pub static COUNTERS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }> = PerCpuArray::new();

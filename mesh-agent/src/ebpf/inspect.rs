@@ -152,8 +152,6 @@ fn map_kind(t: MapType) -> &'static str {
         MapType::LruHash => "lru_hash",
         MapType::Array => "array",
         MapType::PerCpuArray => "percpu_array",
-        // Entries live in the sockets; the kernel cannot list them, so status shows no count.
-        MapType::SkStorage => "sk_storage",
         _ => "other",
     }
 }

@@ -74,7 +74,7 @@ impl AgentCli {
         cmd.arg("--bpffs-root")
             .arg(&self.bpffs_root)
             .stdin(Stdio::null());
-        let out = run_bounded(cmd, Duration::from_secs(30))
+        let out = crate::util::run_bounded(&mut cmd, Duration::from_secs(30))
             .with_context(|| format!("{} {}", self.bin.display(), args.join(" ")))?;
         if !out.0.success() {
             bail!(
@@ -110,45 +110,6 @@ impl AgentCli {
     pub fn uninstall(&self) -> Result<String> {
         self.run(&["uninstall"], true)
     }
-}
-
-/// Runs a command to completion with a time bound; returns (status, stdout, stderr).
-fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<(ExitStatus, String, String)> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawn")?;
-    // Read both pipes on threads so a chatty child cannot block on a full pipe while we wait.
-    let mut so = child.stdout.take().expect("piped");
-    let mut se = child.stderr.take().expect("piped");
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = so.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = se.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("timed out after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Ok((
-        status,
-        t_out.join().unwrap_or_default(),
-        t_err.join().unwrap_or_default(),
-    ))
 }
 
 /// One element of `dump services -o json`.

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -362,7 +362,7 @@ fn print_spread(r: &ConnectReport, backends: &[Pod]) {
 /// Runs a command (bounded), printing its output indented; a failure is shown, not fatal.
 fn show(title: &str, cmd: &mut Command) {
     println!("{title}");
-    match capture(cmd, Duration::from_secs(10)) {
+    match sinew_tests::util::run_bounded(cmd, Duration::from_secs(10)) {
         Ok((status, out, err)) => {
             for l in out.lines().chain(err.lines()) {
                 println!("  {l}");
@@ -374,46 +374,6 @@ fn show(title: &str, cmd: &mut Command) {
         Err(e) => println!("  failed: {e:#}"),
     }
     println!();
-}
-
-/// Runs a command to completion within `timeout`; returns (status, stdout, stderr).
-fn capture(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus, String, String)> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawning {cmd:?}"))?;
-    // Pipes are drained on threads so a chatty command cannot block on a full pipe while we poll for its exit.
-    let mut so = child.stdout.take().context("stdout")?;
-    let mut se = child.stderr.take().context("stderr")?;
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut so, &mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut se, &mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{cmd:?} timed out after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Ok((
-        status,
-        t_out.join().unwrap_or_default(),
-        t_err.join().unwrap_or_default(),
-    ))
 }
 
 /// Keeps the demo up until SIGINT/SIGTERM (or [`MAX_HOLD`]). Backend servers exit after 10 minutes by design

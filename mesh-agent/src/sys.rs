@@ -120,3 +120,13 @@ pub fn obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
     // SAFETY: the kernel returned a fresh fd that we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(rc as i32) })
 }
+
+/// `umount <path>`.
+pub fn umount(path: &Path) -> io::Result<()> {
+    let c = cstr(path)?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

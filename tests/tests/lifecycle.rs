@@ -230,3 +230,62 @@ fn uninstall_detaches_and_unpins() {
     assert_eq!(r.ok, 0, "VIP still balanced after uninstall: {r:#?}");
     assert!(r.names.is_empty(), "{r:#?}");
 }
+
+/// Unmounts and removes a scratch bpffs mount point, also when the test fails.
+struct ScratchMount(std::path::PathBuf);
+
+impl Drop for ScratchMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.join("bpf"))
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mounted(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(path.to_str().unwrap_or("")))
+}
+
+#[test]
+fn bpffs_root_outside_sys_fs_bpf_is_mounted_then_unmounted() {
+    if !require_privileged("bpffs_root_outside_sys_fs_bpf_is_mounted_then_unmounted") {
+        return;
+    }
+    let mut f = fixture("life-bpffs", LbOptions::default());
+    // Hand the node over from the fixture's agent to one whose --bpffs-root is on no bpf filesystem yet.
+    f.agent.stop().expect("stop");
+    f.agent
+        .cli()
+        .uninstall()
+        .expect("uninstall the fixture's install");
+    let scratch =
+        ScratchMount(Path::new("/run").join(format!("{}bpf", sinew_tests::util::unique_id())));
+    let root = scratch.0.join("bpf");
+    assert!(!mounted(&root));
+    let mut opts = f.agent.options().clone();
+    opts.bpffs_root = root.clone();
+    let mut agent = sinew_tests::Agent::start_with(opts).expect("start agent");
+    agent
+        .wait_ready(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("ready with --bpffs-root {}: {e:#}", root.display()));
+    assert!(
+        mounted(&root),
+        "the agent did not mount bpffs at {}",
+        root.display()
+    );
+    let r = f.connect(&f.vip_tcp(), 10, 0, 2000).expect("connect");
+    assert_all_ok(&r, "balanced with pins under a self-mounted bpffs");
+
+    agent.stop().expect("stop");
+    agent.cli().uninstall().expect("uninstall");
+    assert!(
+        !mounted(&root),
+        "uninstall left the bpffs it mounted at {}",
+        root.display()
+    );
+    assert!(!root.exists(), "{} left behind", root.display());
+}

@@ -109,8 +109,8 @@ pub fn pinned_abi(layout: &Layout) -> anyhow::Result<Option<AbiRecord>> {
     Ok((rec.version != 0).then_some(rec))
 }
 
-/// Makes sure `root` is on a bpf filesystem, mounting one at `/sys/fs/bpf` when the root lives there and nothing is
-/// mounted yet (as Cilium's `bpf.autoMount` does). Any other location must already be on bpffs.
+/// Makes sure `root` is on a bpf filesystem, mounting one when needed, as Cilium's `bpf.autoMount` does: at
+/// `/sys/fs/bpf` when the root lives there, otherwise at the root directory itself.
 pub fn ensure_bpffs(root: &Path) -> anyhow::Result<()> {
     let sys_bpf = Path::new("/sys/fs/bpf");
     let mounted = |p: &Path| {
@@ -126,16 +126,15 @@ pub fn ensure_bpffs(root: &Path) -> anyhow::Result<()> {
     if mounted(existing) {
         return Ok(());
     }
-    if root.starts_with(sys_bpf) && !mounted(sys_bpf) {
-        fs::create_dir_all(sys_bpf).ok();
-        sys::mount_bpffs(sys_bpf).context("mounting bpffs at /sys/fs/bpf")?;
-        info!("mounted bpffs at /sys/fs/bpf");
-        return Ok(());
-    }
-    bail!(
-        "--bpffs-root {} is not on a bpf filesystem (mount one: mount -t bpf bpf <dir>)",
-        root.display()
-    )
+    let target = if root.starts_with(sys_bpf) {
+        sys_bpf
+    } else {
+        root
+    };
+    fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    sys::mount_bpffs(target).with_context(|| format!("mounting bpffs at {}", target.display()))?;
+    info!(at = %target.display(), "mounted bpffs");
+    Ok(())
 }
 
 fn check_cgroup2(cgroup_root: &Path) -> anyhow::Result<()> {
@@ -269,9 +268,26 @@ pub fn uninstall(layout: &Layout) -> anyhow::Result<Vec<String>> {
             removed.push(pin.display().to_string());
         }
     }
-    for dir in [layout.links_dir(), layout.maps_dir(), layout.root.clone()] {
+    for dir in [layout.links_dir(), layout.maps_dir()] {
         // Only empty directories go: anything else under the root is not ours to delete.
         let _ = fs::remove_dir(&dir);
     }
+    // A root that is its own bpffs mount (ensure_bpffs mounted it there) is unmounted once it is empty.
+    let is_bpf = |p: &Path| {
+        sys::fs_magic(p)
+            .map(|m| m == sys::BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    let own_mount = is_bpf(&layout.root) && layout.root.parent().is_none_or(|p| !is_bpf(p));
+    // A fresh bpffs already holds the kernel's preloaded iterators (maps.debug, progs.debug): those don't count.
+    let empty = fs::read_dir(&layout.root).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .all(|e| matches!(e.file_name().to_str(), Some("maps.debug" | "progs.debug")))
+    });
+    if own_mount && empty {
+        sys::umount(&layout.root)
+            .with_context(|| format!("unmounting {}", layout.root.display()))?;
+    }
+    let _ = fs::remove_dir(&layout.root);
     Ok(removed)
 }

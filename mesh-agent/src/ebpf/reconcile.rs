@@ -96,9 +96,33 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
     }
 }
 
-/// The lowest id in `1..limit` that is not in `used`.
-fn allocate(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
-    (1..limit).find(|id| !used.contains(id))
+/// Hands out the lowest free ids in `1..limit`, in one pass over the id space per reconcile (a fresh scan per
+/// allocation would be quadratic in the number of new entries on a first sync).
+struct Ids {
+    used: BTreeSet<u32>,
+    next: u32,
+    limit: u32,
+}
+
+impl Ids {
+    fn new(used: BTreeSet<u32>, limit: u32) -> Self {
+        Self {
+            used,
+            next: 1,
+            limit,
+        }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        while self.next < self.limit {
+            let id = self.next;
+            self.next += 1;
+            if self.used.insert(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
 }
 
 /// Writes desired state into the maps.
@@ -149,7 +173,7 @@ impl Reconciler {
         // 1. Backends: reuse ids by address, allocate the rest.
         let mut backend_ids: BTreeMap<Backend, u32> =
             cur_backends.iter().map(|(id, b)| (*b, *id)).collect();
-        let mut used_backend_ids: BTreeSet<u32> = cur_backends.keys().copied().collect();
+        let mut backend_id_pool = Ids::new(cur_backends.keys().copied().collect(), u32::MAX);
         let mut wanted_backends = BTreeSet::new();
         for (f, entry) in &desired.services {
             for b in &entry.backends {
@@ -163,19 +187,28 @@ impl Reconciler {
                 if backend_ids.contains_key(&be) {
                     continue;
                 }
-                let id = allocate(&used_backend_ids, u32::MAX).expect("backend ids exhausted");
+                let Some(id) = backend_id_pool.take() else {
+                    return Err(ReconcileError {
+                        map: "backends",
+                        what: format!("no free backend id for {}:{}", b.ip, b.port),
+                        source: MapError::OutOfBounds {
+                            index: u32::MAX,
+                            max_entries: u32::MAX,
+                        },
+                    });
+                };
                 maps.backends.insert(id, be, 0).map_err(err(
                     "backends",
                     format!("insert {} {}:{}", id, b.ip, b.port),
                 ))?;
-                used_backend_ids.insert(id);
                 backend_ids.insert(be, id);
                 ch.upserts += 1;
             }
         }
 
         // 2. Services: slots first, then the count, then shrink.
-        let mut used_service_ids: BTreeSet<u32> = cur_services.values().map(|v| v.id).collect();
+        let mut service_id_pool =
+            Ids::new(cur_services.values().map(|v| v.id).collect(), MAX_SERVICES);
         let mut live_ids = BTreeSet::new();
         let mut wanted_keys = BTreeSet::new();
         for (f, entry) in &desired.services {
@@ -185,7 +218,7 @@ impl Reconciler {
             let id = match old {
                 Some(v) => v.id,
                 None => {
-                    let Some(id) = allocate(&used_service_ids, MAX_SERVICES) else {
+                    let Some(id) = service_id_pool.take() else {
                         return Err(ReconcileError {
                             map: "services",
                             what: format!(
@@ -198,7 +231,6 @@ impl Reconciler {
                             },
                         });
                     };
-                    used_service_ids.insert(id);
                     // A reused id must not inherit the counts of the service that had it before.
                     let zeros =
                         PerCpuValues::try_from(vec![ServiceCounters::default(); self.ncpus])
@@ -255,10 +287,15 @@ impl Reconciler {
                 ch.upserts += 1;
             }
             // Slots past the new count: the kernel no longer picks them.
-            for sk in cur_slots
-                .keys()
-                .filter(|k| k.service_id == id && k.slot >= value.count)
-            {
+            // SlotKey orders by (service_id, slot), so this service's tail is one range.
+            let tail = SlotKey {
+                service_id: id,
+                slot: value.count,
+            }..=SlotKey {
+                service_id: id,
+                slot: u32::MAX,
+            };
+            for sk in cur_slots.range(tail).map(|(k, _)| k) {
                 remove(&mut maps.slots, sk, "svc_slots", &mut ch)?;
             }
         }
@@ -322,10 +359,26 @@ mod tests {
     }
 
     #[test]
-    fn allocation_takes_the_lowest_free_id() {
-        let used: BTreeSet<u32> = [1, 2, 4].into_iter().collect();
-        assert_eq!(allocate(&used, 10), Some(3));
-        let full: BTreeSet<u32> = (1..10).collect();
-        assert_eq!(allocate(&full, 10), None);
+    fn allocation_takes_the_lowest_free_ids_in_order() {
+        let mut ids = Ids::new([1, 2, 4].into_iter().collect(), 7);
+        assert_eq!(ids.take(), Some(3));
+        assert_eq!(ids.take(), Some(5));
+        assert_eq!(ids.take(), Some(6));
+        assert_eq!(ids.take(), None, "7 is the limit");
+        assert_eq!(Ids::new((1..10).collect(), 10).take(), None);
+    }
+
+    #[test]
+    fn slot_keys_order_by_service_then_slot() {
+        // The reconciler's per-service range query over the slots relies on this order.
+        let a = SlotKey {
+            service_id: 1,
+            slot: 9,
+        };
+        let b = SlotKey {
+            service_id: 2,
+            slot: 0,
+        };
+        assert!(a < b);
     }
 }

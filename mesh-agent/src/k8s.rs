@@ -297,12 +297,15 @@ impl Endpoint {
 }
 
 impl Pod {
-    /// Condition `Ready` has status `"True"`.
+    /// Condition `Ready` has status `"True"`. A Pod that lists no `Ready` condition at all counts as ready when
+    /// its phase is `Running` or not given: in a cluster the kubelet always reports the condition, so this only
+    /// matters for hand-written file-source manifests, where `status: {podIP: ...}` is meant as a running pod.
+    /// An explicit `Ready: "False"` always wins.
     pub fn is_ready(&self) -> bool {
-        self.status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
+        match self.status.conditions.iter().find(|c| c.type_ == "Ready") {
+            Some(c) => c.status == "True",
+            None => matches!(self.status.phase.as_deref(), None | Some("Running")),
+        }
     }
 
     /// Phase `Succeeded` or `Failed`: the pod's containers are gone for good, whatever its conditions say.
@@ -481,6 +484,23 @@ status:
             serde_yaml::from_str("status: {conditions: [{type: Ready, status: \"False\"}]}")
                 .unwrap();
         assert!(!pod.is_ready());
+    }
+
+    #[test]
+    fn pod_without_ready_condition_is_ready_only_when_running() {
+        let ready = |status: &str| {
+            let pod: Pod = serde_yaml::from_str(&format!("status: {status}")).unwrap();
+            pod.is_ready()
+        };
+        assert!(ready("{podIP: 10.0.0.1}"));
+        assert!(ready("{podIP: 10.0.0.1, phase: Running}"));
+        assert!(!ready("{podIP: 10.0.0.1, phase: Pending}"));
+        assert!(!ready(
+            "{podIP: 10.0.0.1, phase: Running, conditions: [{type: Ready, status: \"False\"}]}"
+        ));
+        assert!(ready(
+            "{phase: Pending, conditions: [{type: Ready, status: \"True\"}]}"
+        ));
     }
 
     #[test]

@@ -5,12 +5,13 @@
 //!   `bpftool map dump` prints every field by name (the maps are BTF maps);
 //! - each type has a size assertion, and [`ABI_HASH`] folds all sizes into one number that the agent pins, so a new
 //!   agent never reuses pinned maps whose layout it does not understand;
-//! - addresses are stored as IPv6 in network byte order; IPv4 is stored v4-mapped (`::ffff:a.b.c.d`), so one map
-//!   serves `connect4` and `connect6` (including v4-mapped destinations on IPv6 sockets).
+//! - addresses are 16 bytes of IPv6 in network order; IPv4 is stored v4-mapped (`::ffff:a.b.c.d`), so one map
+//!   serves `connect4` and `connect6` (including v4-mapped destinations on IPv6 sockets); ports are in host order.
+//!   Both choices are for operators: `bpftool map dump` then shows `[..,255,255,10,96,0,10]` and `80`.
 #![no_std]
 
 /// Bumped by hand whenever the meaning (not only the size) of a map changes.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `IPPROTO_TCP`.
 pub const PROTO_TCP: u8 = 6;
@@ -51,9 +52,9 @@ pub mod map_names {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    /// IPv6 address words in network byte order; IPv4 is v4-mapped.
-    pub addr: [u32; 4],
-    /// Port in network byte order.
+    /// IPv6 address bytes (network order); IPv4 is v4-mapped.
+    pub addr: [u8; 16],
+    /// Port, host byte order.
     pub port: u16,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
@@ -109,9 +110,9 @@ const _: () = assert!(core::mem::size_of::<SlotValue>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
-    /// IPv6 address words in network byte order; IPv4 is v4-mapped.
-    pub addr: [u32; 4],
-    /// Port in network byte order.
+    /// IPv6 address bytes (network order); IPv4 is v4-mapped.
+    pub addr: [u8; 16],
+    /// Port, host byte order.
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
@@ -125,7 +126,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RevNatKey {
     pub cookie: u64,
-    pub addr: [u32; 4],
+    pub addr: [u8; 16],
     pub port: u16,
     pub _pad: [u8; 6],
 }
@@ -135,7 +136,7 @@ const _: () = assert!(core::mem::size_of::<RevNatKey>() == 32);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RevNatValue {
-    pub addr: [u32; 4],
+    pub addr: [u8; 16],
     pub port: u16,
     pub _pad: u16,
     pub service_id: u32,
@@ -190,16 +191,63 @@ pub const ABI_HASH: u32 = {
     h
 };
 
-/// Builds the v4-mapped form of an IPv4 address given in network byte order (as `bpf_sock_addr.user_ip4` holds it).
+/// The v4-mapped form (`::ffff:a.b.c.d`) of an IPv4 address given in network byte order, as
+/// `bpf_sock_addr.user_ip4` holds it.
 #[inline(always)]
-pub const fn v4_mapped(ip4_be: u32) -> [u32; 4] {
-    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4_be]
+pub const fn v4_mapped(ip4_be: u32) -> [u8; 16] {
+    let b = ip4_be.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
 }
 
 /// Whether an address is v4-mapped (`::ffff:a.b.c.d`).
 #[inline(always)]
-pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
-    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+pub const fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
+/// The IPv4 part of a v4-mapped address, in network byte order (for `user_ip4`).
+#[inline(always)]
+pub const fn v4_of(a: &[u8; 16]) -> u32 {
+    u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
+}
+
+/// 16 address bytes from the four network-order words of `bpf_sock_addr.user_ip6`.
+#[inline(always)]
+pub const fn from_words(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// The four network-order words of `bpf_sock_addr.user_ip6` from 16 address bytes.
+#[inline(always)]
+pub const fn to_words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
 }
 
 #[cfg(feature = "user")]

@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    Backend, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, SlotKey, is_v4_mapped,
-    v4_mapped,
+    Backend, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, SlotKey, from_words,
+    is_v4_mapped, to_words, v4_mapped, v4_of,
 };
 
 use crate::maps::{BACKENDS, COUNTERS, REV_NAT, SERVICES, SLOTS};
@@ -64,10 +64,11 @@ fn proto_of(ctx: &SockAddrContext) -> Option<u8> {
     (p == PROTO_TCP || p == PROTO_UDP).then_some(p)
 }
 
+/// The destination port in host byte order (the maps keep host order, so bpftool shows `80`).
 #[inline(always)]
 fn user_port(ctx: &SockAddrContext) -> u16 {
     // The low 16 bits hold the port in network byte order.
-    load(unsafe { addr_of!((*sa(ctx)).user_port) }) as u16
+    u16::from_be(load(unsafe { addr_of!((*sa(ctx)).user_port) }) as u16)
 }
 
 #[inline(always)]
@@ -82,7 +83,8 @@ fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
 }
 
 #[inline(always)]
-fn set_user_ip6(ctx: &SockAddrContext, addr: &[u32; 4]) {
+fn set_user_ip6(ctx: &SockAddrContext, addr: &[u8; 16]) {
+    let addr = to_words(addr);
     let p = unsafe { addr_of_mut!((*sa(ctx)).user_ip6) } as *mut u32;
     store(p, addr[0]);
     store(p.wrapping_add(1), addr[1]);
@@ -90,9 +92,13 @@ fn set_user_ip6(ctx: &SockAddrContext, addr: &[u32; 4]) {
     store(p.wrapping_add(3), addr[3]);
 }
 
+/// Sets the port, given in host byte order.
 #[inline(always)]
 fn set_user_port(ctx: &SockAddrContext, port: u16) {
-    store(unsafe { addr_of_mut!((*sa(ctx)).user_port) }, port as u32);
+    store(
+        unsafe { addr_of_mut!((*sa(ctx)).user_port) },
+        port.to_be() as u32,
+    );
 }
 
 #[inline(always)]
@@ -197,7 +203,7 @@ pub fn connect4(ctx: &SockAddrContext, pick: Pick) -> i32 {
                 return ALLOW;
             }
             remember(ctx, &key, &b, id);
-            store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, b.addr[3]);
+            store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, v4_of(&b.addr));
             set_user_port(ctx, b.port);
             ALLOW
         }
@@ -210,7 +216,7 @@ pub fn connect6(ctx: &SockAddrContext, pick: Pick) -> i32 {
         return ALLOW;
     };
     let key = ServiceKey {
-        addr: user_ip6(ctx),
+        addr: from_words(user_ip6(ctx)),
         port: user_port(ctx),
         proto,
         _pad: 0,
@@ -227,7 +233,7 @@ pub fn connect6(ctx: &SockAddrContext, pick: Pick) -> i32 {
     }
 }
 
-fn lookup_rev(ctx: &SockAddrContext, addr: [u32; 4]) -> Option<RevNatValue> {
+fn lookup_rev(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<RevNatValue> {
     let rk = RevNatKey {
         cookie: cookie(ctx),
         addr,
@@ -241,13 +247,13 @@ fn lookup_rev(ctx: &SockAddrContext, addr: [u32; 4]) -> Option<RevNatValue> {
 pub fn reverse4(ctx: &SockAddrContext) {
     let ip4 = load(unsafe { addr_of!((*sa(ctx)).user_ip4) });
     if let Some(v) = lookup_rev(ctx, v4_mapped(ip4)) {
-        store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, v.addr[3]);
+        store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, v4_of(&v.addr));
         set_user_port(ctx, v.port);
     }
 }
 
 pub fn reverse6(ctx: &SockAddrContext) {
-    if let Some(v) = lookup_rev(ctx, user_ip6(ctx)) {
+    if let Some(v) = lookup_rev(ctx, from_words(user_ip6(ctx))) {
         set_user_ip6(ctx, &v.addr);
         set_user_port(ctx, v.port);
     }

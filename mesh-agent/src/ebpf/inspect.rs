@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::{
     Layout, Maps, PROGRAMS, pinned_abi,
-    reconcile::{proto_name, words_addr},
+    reconcile::{bytes_addr, proto_name},
 };
 
 #[derive(Debug, Serialize)]
@@ -228,7 +228,7 @@ pub struct SlotDump {
 /// Decodes services -> slots -> backends, in frontend order.
 pub fn dump_services(maps: &Maps, counters: impl Fn(u32) -> (u64, u64)) -> Vec<ServiceDump> {
     let mut services: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
-    services.sort_by_key(|(k, _)| (words_addr(&k.addr), u16::from_be(k.port), k.proto));
+    services.sort_by_key(|(k, _)| (bytes_addr(&k.addr), k.port, k.proto));
     services
         .into_iter()
         .map(|(k, v)| {
@@ -248,15 +248,15 @@ pub fn dump_services(maps: &Maps, counters: impl Fn(u32) -> (u64, u64)) -> Vec<S
                     Some(SlotDump {
                         slot,
                         id: s.backend_id,
-                        addr: words_addr(&b.addr).to_string(),
-                        port: u16::from_be(b.port),
+                        addr: bytes_addr(&b.addr).to_string(),
+                        port: b.port,
                     })
                 })
                 .collect();
             let (balanced, no_backend) = counters(v.id);
             ServiceDump {
-                vip: words_addr(&k.addr).to_string(),
-                port: u16::from_be(k.port),
+                vip: bytes_addr(&k.addr).to_string(),
+                port: k.port,
                 proto: proto_name(k.proto),
                 id: v.id,
                 count: v.count,

@@ -17,7 +17,7 @@ use std::{
 use aya::maps::{MapError, PerCpuValues};
 use mesh_common::{
     ALG_RANDOM, Backend, MAX_SERVICES, PROTO_TCP, PROTO_UDP, ServiceCounters, ServiceKey,
-    ServiceValue, SlotKey, SlotValue, v4_mapped,
+    ServiceValue, SlotKey, SlotValue,
 };
 
 use super::Maps;
@@ -47,25 +47,17 @@ pub struct Changes {
     pub backends: usize,
 }
 
-/// Kernel address form: IPv6 words in network order, IPv4 v4-mapped.
-pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+/// Kernel address form: 16 bytes of IPv6, IPv4 v4-mapped.
+pub fn addr_bytes(ip: IpAddr) -> [u8; 16] {
     match ip {
-        IpAddr::V4(v4) => v4_mapped(u32::from_ne_bytes(v4.octets())),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            [w(0), w(4), w(8), w(12)]
-        }
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
     }
 }
 
-/// Inverse of [`addr_words`]; v4-mapped addresses come back as IPv4.
-pub fn words_addr(w: &[u32; 4]) -> IpAddr {
-    let mut o = [0u8; 16];
-    for (i, word) in w.iter().enumerate() {
-        o[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    let v6 = Ipv6Addr::from(o);
+/// Inverse of [`addr_bytes`]; v4-mapped addresses come back as IPv4.
+pub fn bytes_addr(b: &[u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(*b);
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
         None => IpAddr::V6(v6),
@@ -89,8 +81,8 @@ pub fn proto_name(p: u8) -> &'static str {
 
 pub fn service_key(f: &Frontend) -> ServiceKey {
     ServiceKey {
-        addr: addr_words(f.ip),
-        port: f.port.to_be(),
+        addr: addr_bytes(f.ip),
+        port: f.port,
         proto: proto_num(f.proto),
         _pad: 0,
     }
@@ -178,8 +170,8 @@ impl Reconciler {
         for (f, entry) in &desired.services {
             for b in &entry.backends {
                 let be = Backend {
-                    addr: addr_words(b.ip),
-                    port: b.port.to_be(),
+                    addr: addr_bytes(b.ip),
+                    port: b.port,
                     proto: proto_num(f.proto),
                     _pad: 0,
                 };
@@ -247,8 +239,8 @@ impl Reconciler {
                 .iter()
                 .map(|b| {
                     backend_ids[&Backend {
-                        addr: addr_words(b.ip),
-                        port: b.port.to_be(),
+                        addr: addr_bytes(b.ip),
+                        port: b.port,
                         proto: proto_num(f.proto),
                         _pad: 0,
                     }]
@@ -347,15 +339,21 @@ mod tests {
     fn addresses_round_trip() {
         for s in ["10.96.0.10", "::1", "fd00::5", "255.255.255.255"] {
             let ip: IpAddr = s.parse().unwrap();
-            assert_eq!(words_addr(&addr_words(ip)), ip, "{s}");
+            assert_eq!(bytes_addr(&addr_bytes(ip)), ip, "{s}");
         }
     }
 
     #[test]
     fn ipv4_is_v4_mapped_in_network_order() {
-        let w = addr_words("10.96.0.10".parse().unwrap());
-        assert!(mesh_common::is_v4_mapped(&w));
-        assert_eq!(w[3].to_ne_bytes(), [10, 96, 0, 10]);
+        let b = addr_bytes("10.96.0.10".parse().unwrap());
+        assert!(mesh_common::is_v4_mapped(&b));
+        assert_eq!(&b[12..], [10, 96, 0, 10]);
+        // The eBPF side builds the same bytes from user_ip4 (network order).
+        assert_eq!(
+            mesh_common::v4_mapped(u32::from_ne_bytes([10, 96, 0, 10])),
+            b
+        );
+        assert_eq!(mesh_common::from_words(mesh_common::to_words(&b)), b);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
-    let meta = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../mesh-ebpf");
+    // Read at run time, not with env!(): a build script binary can be reused from another checkout of the same
+    // workspace sharing the target directory, and must not point back there.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
+    let meta = std::path::Path::new(&manifest_dir).join("../mesh-ebpf");
     let root = meta.canonicalize().context("mesh-ebpf directory")?;
     let root = root.to_str().context("mesh-ebpf path is not UTF-8")?;
     aya_build::build_ebpf(

@@ -155,7 +155,13 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey, pick: Pick) -> Outcome {
     Outcome::To(unsafe { *b }, svc.id)
 }
 
-fn remember(ctx: &SockAddrContext, key: &ServiceKey, backend: &Backend, service_id: u32) {
+fn remember(
+    ctx: &SockAddrContext,
+    key: &ServiceKey,
+    backend: &Backend,
+    service_id: u32,
+    pick: Pick,
+) {
     let rk = RevNatKey {
         cookie: cookie(ctx),
         addr: backend.addr,
@@ -168,8 +174,11 @@ fn remember(ctx: &SockAddrContext, key: &ServiceKey, backend: &Backend, service_
         _pad: 0,
         service_id,
     };
-    // Unconnected UDP calls this per datagram: skip the write when the entry is already there.
-    if let Some(old) = REV_NAT.get_ptr(&rk) {
+    // Unconnected UDP calls this per datagram: skip the write when the entry is already there. A connect is
+    // the socket's first and only one, so there is nothing to find and the lookup is skipped.
+    if let Pick::PerSocket = pick
+        && let Some(old) = REV_NAT.get_ptr(&rk)
+    {
         let old = unsafe { *old };
         if old.addr == rv.addr && old.port == rv.port {
             return;
@@ -202,7 +211,7 @@ pub fn connect4(ctx: &SockAddrContext, pick: Pick) -> i32 {
             if !is_v4_mapped(&b.addr) {
                 return ALLOW;
             }
-            remember(ctx, &key, &b, id);
+            remember(ctx, &key, &b, id, pick);
             store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, v4_of(&b.addr));
             set_user_port(ctx, b.port);
             ALLOW
@@ -225,7 +234,7 @@ pub fn connect6(ctx: &SockAddrContext, pick: Pick) -> i32 {
         Outcome::Pass => ALLOW,
         Outcome::Refuse => refuse(),
         Outcome::To(b, id) => {
-            remember(ctx, &key, &b, id);
+            remember(ctx, &key, &b, id, pick);
             set_user_ip6(ctx, &b.addr);
             set_user_port(ctx, b.port);
             ALLOW

@@ -44,6 +44,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let layout = Layout::new(&cfg.bpffs_root);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    // One agent per install. A second one (a rolling update's surge pod, or a mistake) waits, not ready, until the
+    // first exits, instead of reconciling the same maps from another point of view.
+    let mut waiting = false;
+    let _lock = loop {
+        if let Some(lock) = ebpf::try_lock_root(&layout)? {
+            break lock;
+        }
+        if !std::mem::replace(&mut waiting, true) {
+            warn!(bpffs_root = %layout.root.display(), "another agent holds this install; waiting for it to exit");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
+        }
+    };
     let report = ebpf::install(&layout, &cfg.cgroup_root)?;
     info!(
         attached = ?report.attached,
@@ -63,8 +81,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut source = FileSource::new(&cfg.source_dir);
     let mut watcher = Watcher::new(&cfg.source_dir);
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let mut last_sync: Option<Instant> = None;
     let mut retry = false;
     let mut last_errors: Vec<String> = Vec::new();

@@ -130,3 +130,18 @@ pub fn umount(path: &Path) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Takes an exclusive `flock` on `file` without blocking. `Ok(false)` means another process holds it. The lock goes
+/// away with the fd, including when the process is killed.
+pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
+    // SAFETY: the fd is valid for the duration of the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}

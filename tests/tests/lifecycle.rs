@@ -289,3 +289,36 @@ fn bpffs_root_outside_sys_fs_bpf_is_mounted_then_unmounted() {
     );
     assert!(!root.exists(), "{} left behind", root.display());
 }
+
+#[test]
+fn a_second_agent_on_the_same_install_waits_for_the_first() {
+    if !require_privileged("a_second_agent_on_the_same_install_waits_for_the_first") {
+        return;
+    }
+    let mut f = fixture("life-lock", LbOptions::default());
+    let mut opts = f.agent.options().clone();
+    opts.admin_addr =
+        std::net::SocketAddr::from(([127, 0, 0, 1], sinew_tests::free_port().expect("port")));
+    opts.log_path = opts.log_path.with_extension("second.log");
+    let mut second = sinew_tests::Agent::start_with(opts).expect("start the second agent");
+    // While the first runs, the second holds back: not ready, and it says why.
+    assert!(
+        second.wait_ready(Duration::from_secs(2)).is_err(),
+        "two agents became ready on one install"
+    );
+    assert!(
+        second
+            .log_tail(20)
+            .contains("another agent holds this install"),
+        "{}",
+        second.log_tail(20)
+    );
+    // The first one goes (as in a rolling update); the second takes over the pinned install.
+    f.agent.stop().expect("stop the first agent");
+    second
+        .wait_ready(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("second agent never took over: {e:#}"));
+    let r = f.connect(&f.vip_tcp(), 20, 0, 2000).expect("connect");
+    assert_all_ok(&r, "balanced by the second agent's install");
+    second.stop().expect("stop the second agent");
+}

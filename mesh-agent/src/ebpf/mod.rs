@@ -149,6 +149,24 @@ fn check_cgroup2(cgroup_root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Holds the install's lock for as long as it lives: one agent per `--bpffs-root`, so two reconcilers never fight
+/// over the same maps.
+pub struct RootLock {
+    _dir: fs::File,
+}
+
+/// Locks the bpffs root (creating and mounting it if needed). `Ok(None)` while another agent holds it.
+pub fn try_lock_root(layout: &Layout) -> anyhow::Result<Option<RootLock>> {
+    ensure_bpffs(&layout.root)?;
+    fs::create_dir_all(&layout.root)
+        .with_context(|| format!("creating {}", layout.root.display()))?;
+    let dir = fs::File::open(&layout.root)
+        .with_context(|| format!("opening {}", layout.root.display()))?;
+    let locked = sys::try_lock_exclusive(&dir)
+        .with_context(|| format!("locking {}", layout.root.display()))?;
+    Ok(locked.then_some(RootLock { _dir: dir }))
+}
+
 /// What [`install`] did for each program.
 #[derive(Debug, Default)]
 pub struct InstallReport {

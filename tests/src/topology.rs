@@ -256,15 +256,7 @@ impl Topology {
     /// Joins the nodes through an underlay bridge and routes each node's pod subnet via its node address.
     fn connect_nodes(&mut self) -> Result<()> {
         let ul = Netns::new(&format!("{}-ul", self.id))?;
-        ul.ip(&[
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
+        add_bridge(&ul)?;
         ul.ip(&["link", "set", "br0", "up"])?;
         self.underlay = Some(ul);
         let ul = self.underlay.as_ref().expect("just set");
@@ -395,15 +387,7 @@ impl Node {
         if ipv6 {
             no_dad(ns)?;
         }
-        ns.ip(&[
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
+        add_bridge(ns)?;
         ns.ip(&[
             "addr",
             "add",
@@ -835,4 +819,18 @@ impl Pod {
 /// How long a client run may take before the harness gives up on it: the client's own bounds plus slack.
 pub fn client_bound(count: u32, interval_ms: u64, timeout_ms: u64) -> Duration {
     Duration::from_millis(count as u64 * (interval_ms + 2 * timeout_ms) + 10_000)
+}
+
+/// Adds the bridge `br0` to a namespace. Multicast snooping is off so IPv6 neighbour discovery reaches every port
+/// at once (with snooping on, a new port may miss solicitations until it has joined the group).
+fn add_bridge(ns: &Netns) -> Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "mcast_snooping",
+        "0",
+    ])
 }

@@ -28,22 +28,27 @@ fn assert_spread(r: &sinew_tests::testpod::ConnectReport, backends: &[&str]) {
     }
 }
 
+/// 60 connects to `to`: none fails, all three backends serve, and getpeername() shows `to` (the VIP), never the
+/// backend the kernel connected the socket to.
+fn assert_balanced_via(f: &sinew_tests::scenario::LbFixture, to: &str, what: &str) {
+    let r = f.connect(to, 60, 0, 2000).expect("tcp-connect");
+    assert_all_ok(&r, what);
+    assert_spread(&r, &["b1", "b2", "b3"]);
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        vec![to],
+        "getpeername: {:?}",
+        r.peers
+    );
+}
+
 #[test]
 fn tcp_via_vip_spreads_over_selector_backends() {
     if !require_privileged("tcp_via_vip_spreads_over_selector_backends") {
         return;
     }
     let f = fixture("lb-selector", LbOptions::default());
-    let r = f.connect(&f.vip_tcp(), 60, 0, 2000).expect("tcp-connect");
-    assert_all_ok(&r, "60 connects via the VIP");
-    assert_spread(&r, &["b1", "b2", "b3"]);
-    // getpeername() shows the VIP, not the backend the kernel connected to.
-    assert_eq!(
-        r.peers.keys().collect::<Vec<_>>(),
-        vec![&f.vip_tcp()],
-        "getpeername: {:?}",
-        r.peers
-    );
+    assert_balanced_via(&f, &f.vip_tcp(), "60 connects via the VIP");
 }
 
 #[test]
@@ -58,15 +63,7 @@ fn tcp_via_vip_spreads_over_endpoint_slice_backends() {
             ..Default::default()
         },
     );
-    let r = f.connect(&f.vip_tcp(), 60, 0, 2000).expect("tcp-connect");
-    assert_all_ok(&r, "60 connects via the VIP (EndpointSlice)");
-    assert_spread(&r, &["b1", "b2", "b3"]);
-    assert_eq!(
-        r.peers.keys().collect::<Vec<_>>(),
-        vec![&f.vip_tcp()],
-        "getpeername: {:?}",
-        r.peers
-    );
+    assert_balanced_via(&f, &f.vip_tcp(), "60 connects via the VIP (EndpointSlice)");
 }
 
 #[test]
@@ -77,15 +74,7 @@ fn connect6_to_v4_mapped_vip_is_balanced() {
     let f = fixture("lb-connect6", LbOptions::default());
     // An AF_INET6 socket connecting to ::ffff:VIP goes through connect6, not connect4.
     let to = format!("[::ffff:{VIP}]:{TCP_PORT}");
-    let r = f.connect(&to, 60, 0, 2000).expect("tcp-connect v4-mapped");
-    assert_all_ok(&r, "60 connects to the v4-mapped VIP");
-    assert_spread(&r, &["b1", "b2", "b3"]);
-    assert_eq!(
-        r.peers.keys().collect::<Vec<_>>(),
-        vec![&to],
-        "getpeername on the v6 socket: {:?}",
-        r.peers
-    );
+    assert_balanced_via(&f, &to, "60 connects to the v4-mapped VIP");
 }
 
 #[test]
@@ -276,16 +265,7 @@ fn ipv6_vip_balances_tcp_and_udp_to_ipv6_backends() {
         );
     }
 
-    let tcp = format!("[{VIP6}]:80");
-    let r = f.connect(&tcp, 60, 0, 2000).expect("tcp-connect v6");
-    assert_all_ok(&r, "60 connects to the IPv6 VIP");
-    assert_spread(&r, &["b1", "b2", "b3"]);
-    assert_eq!(
-        r.peers.keys().collect::<Vec<_>>(),
-        vec![&tcp],
-        "getpeername: {:?}",
-        r.peers
-    );
+    assert_balanced_via(&f, &format!("[{VIP6}]:80"), "60 connects to the IPv6 VIP");
 
     let udp = format!("[{VIP6}]:53");
     let u = f

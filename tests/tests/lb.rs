@@ -279,3 +279,68 @@ fn ipv6_vip_balances_tcp_and_udp_to_ipv6_backends() {
         "recvfrom source: {u:#?}"
     );
 }
+
+#[test]
+fn two_nodes_each_agent_balances_its_own_clients_across_nodes() {
+    if !require_privileged("two_nodes_each_agent_balances_its_own_clients_across_nodes") {
+        return;
+    }
+    use sinew_tests::manifest::PodManifest;
+    use sinew_tests::scenario::{TARGET_PORT, service};
+    use sinew_tests::{Agent, Topology, testpod_bin};
+    // Two simulated nodes on one kernel, each with its own agent, cgroup root and bpffs root, reading the same
+    // manifests; the backends are spread over both nodes.
+    let topo = Topology::builder("lb-two-nodes")
+        .testpod_bin(testpod_bin!())
+        .node("node-a", &["client-a", "b1"])
+        .node("node-b", &["client-b", "b2", "b3"])
+        .build()
+        .expect("topology");
+    let backends = ["b1", "b2", "b3"].map(|n| topo.pod(n));
+    let _servers: Vec<_> = backends
+        .iter()
+        .map(|p| p.serve(TARGET_PORT, &p.name).expect("server"))
+        .collect();
+    let source = topo.source_dir().expect("source dir");
+    for p in &backends {
+        let m = PodManifest::new(p)
+            .label("app", "web")
+            .container_port(TARGET_PORT);
+        source
+            .write(&format!("pod-{}.yaml", p.name), &[m.to_value()])
+            .expect("write pod");
+    }
+    source
+        .write("service-web.yaml", &[service(true).to_value()])
+        .expect("write service");
+    let mut agents: Vec<Agent> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| Agent::start(topo.node(n), source.path(), None).expect("start agent"))
+        .collect();
+    for a in &mut agents {
+        a.wait_ready(Duration::from_secs(20)).expect("ready");
+    }
+    let vip = format!("{VIP}:{TCP_PORT}");
+    for client in ["client-a", "client-b"] {
+        let r = topo
+            .pod(client)
+            .tcp_connect(&vip, 60, 0, 2000)
+            .expect("tcp-connect");
+        assert_all_ok(&r, &format!("60 connects from {client}"));
+        assert_spread(&r, &["b1", "b2", "b3"]);
+    }
+    // Each node's kernel counted only its own clients' connects.
+    for a in &agents {
+        let dump = a.cli().dump_services().expect("dump");
+        let web = dump
+            .iter()
+            .find(|s| s.port == TCP_PORT && s.proto == "tcp")
+            .unwrap_or_else(|| panic!("{dump:#?}"));
+        assert_eq!(web.count, 3, "{web:#?}");
+    }
+    let counted: Vec<f64> = agents
+        .iter()
+        .map(|a| balanced(&a.metrics().expect("metrics")))
+        .collect();
+    assert_eq!(counted, vec![60.0, 60.0], "per-node balanced counters");
+}

@@ -10,6 +10,7 @@ mod datapath;
 mod ebpf;
 mod k8s;
 mod metrics;
+mod policy;
 mod run;
 mod source;
 mod state;

@@ -485,12 +485,35 @@ fn udp_send(opts: &Opts, connected: bool) -> UdpReport {
     r
 }
 
+/// The options `rr` and `crr` share; `max_key` names the iteration cap (`max-requests` or `max`).
+struct Load {
+    to: SocketAddr,
+    size: usize,
+    duration: Duration,
+    max: u64,
+    timeout: Duration,
+}
+
+impl Load {
+    fn parse(opts: &Opts, max_key: &str) -> Load {
+        Load {
+            to: opts.to(),
+            size: opts.count("size", 1024).clamp(1, 1 << 20) as usize,
+            duration: opts.ms("duration-ms", 1000),
+            max: opts.count(max_key, 100_000),
+            timeout: opts.ms("timeout-ms", 2000).max(Duration::from_millis(1)),
+        }
+    }
+}
+
 fn rr(opts: &Opts) -> RrReport {
-    let to = opts.to();
-    let size = opts.count("size", 1024).clamp(1, 1 << 20) as usize;
-    let duration = opts.ms("duration-ms", 1000);
-    let max = opts.count("max-requests", 100_000);
-    let timeout = opts.ms("timeout-ms", 2000).max(Duration::from_millis(1));
+    let Load {
+        to,
+        size,
+        duration,
+        max,
+        timeout,
+    } = Load::parse(opts, "max-requests");
     let mut r = RrReport {
         to: to.to_string(),
         size,
@@ -539,11 +562,13 @@ fn rr(opts: &Opts) -> RrReport {
 }
 
 fn crr(opts: &Opts) -> CrrReport {
-    let to = opts.to();
-    let size = opts.count("size", 1024).clamp(1, 1 << 20) as usize;
-    let duration = opts.ms("duration-ms", 1000);
-    let max = opts.count("max", 100_000);
-    let timeout = opts.ms("timeout-ms", 2000).max(Duration::from_millis(1));
+    let Load {
+        to,
+        size,
+        duration,
+        max,
+        timeout,
+    } = Load::parse(opts, "max");
     let mut r = CrrReport {
         to: to.to_string(),
         size,

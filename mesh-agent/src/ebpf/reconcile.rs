@@ -21,7 +21,7 @@ use mesh_common::{
 };
 
 use super::Maps;
-use crate::state::{DesiredState, Frontend, Proto};
+use crate::state::{BackendAddr, DesiredState, Frontend, Proto};
 
 /// A failed map operation, naming the map and the entry.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +84,16 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
         addr: addr_bytes(f.ip),
         port: f.port,
         proto: proto_num(f.proto),
+        _pad: 0,
+    }
+}
+
+/// The kernel form of a backend of a frontend with protocol `proto`.
+fn backend(b: &BackendAddr, proto: Proto) -> Backend {
+    Backend {
+        addr: addr_bytes(b.ip),
+        port: b.port,
+        proto: proto_num(proto),
         _pad: 0,
     }
 }
@@ -169,12 +179,7 @@ impl Reconciler {
         let mut wanted_backends = BTreeSet::new();
         for (f, entry) in &desired.services {
             for b in &entry.backends {
-                let be = Backend {
-                    addr: addr_bytes(b.ip),
-                    port: b.port,
-                    proto: proto_num(f.proto),
-                    _pad: 0,
-                };
+                let be = backend(b, f.proto);
                 wanted_backends.insert(be);
                 if backend_ids.contains_key(&be) {
                     continue;
@@ -237,14 +242,7 @@ impl Reconciler {
             let ids: Vec<u32> = entry
                 .backends
                 .iter()
-                .map(|b| {
-                    backend_ids[&Backend {
-                        addr: addr_bytes(b.ip),
-                        port: b.port,
-                        proto: proto_num(f.proto),
-                        _pad: 0,
-                    }]
-                })
+                .map(|b| backend_ids[&backend(b, f.proto)])
                 .collect();
             for (slot, backend_id) in ids.iter().enumerate() {
                 let sk = SlotKey {

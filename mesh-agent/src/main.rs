@@ -1,28 +1,13 @@
 //! `mesh-agent`: Sinew's per-node agent and its CLI.
-//!
-//! `run` loads and attaches the eBPF programs (ebpf), reads Kubernetes objects from a source (source), computes the
-//! desired state as a pure function (state), and lets the reconciler write the difference into the pinned maps
-//! (ebpf::reconcile). `status`, `dump` and `uninstall` work on the pins directly, with or without a running agent.
-
-mod admin;
-mod config;
-mod datapath;
-mod ebpf;
-mod k8s;
-mod metrics;
-mod policy;
-mod run;
-mod source;
-mod state;
-mod sys;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{
-    config::{DEFAULT_BPFFS_ROOT, DEFAULT_CGROUP_ROOT, LogFormat},
-    ebpf::Layout,
+use mesh_agent::{
+    config::{self, DEFAULT_BPFFS_ROOT, DEFAULT_CGROUP_ROOT, LogFormat},
+    ebpf::{self, Layout},
+    run,
 };
 
 #[derive(Parser)]

@@ -10,8 +10,10 @@
 //!   Both choices are for operators: `bpftool map dump` then shows `[..,255,255,10,96,0,10]` and `80`.
 #![no_std]
 
+pub mod policy;
+
 /// Bumped by hand whenever the meaning (not only the size) of a map changes.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// `IPPROTO_TCP`.
 pub const PROTO_TCP: u8 = 6;
@@ -44,8 +46,39 @@ pub mod map_names {
     pub const COUNTERS: &str = "svc_counters";
     /// index 0 -> [`crate::AbiRecord`].
     pub const ABI: &str = "abi";
+    /// LPM trie: address -> [`crate::policy::IpInfo`].
+    pub const IPCACHE: &str = "ipcache";
+    /// netns cookie (`u64`) -> [`crate::policy::LocalEndpoint`].
+    pub const LOCAL_EPS: &str = "local_eps";
+    /// [`crate::policy::PolicyKey`] -> [`crate::policy::PolicyValue`].
+    pub const POLICY: &str = "policy";
+    /// index 0 -> [`crate::policy::PolicyState`].
+    pub const POLICY_STATE: &str = "pol_state";
+    /// [`crate::policy::counter`] index -> per-CPU `u64`.
+    pub const POLICY_COUNTERS: &str = "pol_counters";
+    /// index 0 -> per-CPU [`crate::policy::RateLimit`].
+    pub const POLICY_RATELIMIT: &str = "pol_ratelim";
+    /// [`crate::policy::FlowKey`] -> [`crate::policy::FlowValue`] (LRU).
+    pub const UDP_FLOWS: &str = "udp_flows";
+    /// Ring buffer of [`crate::policy::PolicyEvent`].
+    pub const POLICY_EVENTS: &str = "pol_events";
     /// Every map, in the order the agent creates and pins them.
-    pub const ALL: [&str; 6] = [SERVICES, SLOTS, BACKENDS, REV_NAT, COUNTERS, ABI];
+    pub const ALL: [&str; 14] = [
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        REV_NAT,
+        COUNTERS,
+        IPCACHE,
+        LOCAL_EPS,
+        POLICY,
+        POLICY_STATE,
+        POLICY_COUNTERS,
+        POLICY_RATELIMIT,
+        UDP_FLOWS,
+        POLICY_EVENTS,
+        ABI,
+    ];
 }
 
 /// A service frontend: VIP, port and protocol. Slot 0 of the classic Cilium layout is this map's value.
@@ -179,6 +212,21 @@ pub const ABI_HASH: u32 = {
         MAX_SLOTS as usize,
         MAX_BACKENDS as usize,
         MAX_REV_NAT as usize,
+        core::mem::size_of::<policy::IpInfo>(),
+        core::mem::size_of::<policy::LocalEndpoint>(),
+        core::mem::size_of::<policy::PolicyKey>(),
+        core::mem::size_of::<policy::PolicyValue>(),
+        core::mem::size_of::<policy::PolicyState>(),
+        core::mem::size_of::<policy::FlowKey>(),
+        core::mem::size_of::<policy::FlowValue>(),
+        core::mem::size_of::<policy::RateLimit>(),
+        core::mem::size_of::<policy::PolicyEvent>(),
+        policy::MAX_IPCACHE as usize,
+        policy::MAX_LOCAL_EPS as usize,
+        policy::MAX_POLICY as usize,
+        policy::MAX_UDP_FLOWS as usize,
+        policy::EVENTS_RING_BYTES as usize,
+        policy::counter::COUNT as usize,
     ];
     // FNV-1a over the parts: const-evaluable and stable across builds.
     let mut h: u32 = 0x811c_9dc5;
@@ -265,4 +313,13 @@ mod user {
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for ServiceCounters {}
     unsafe impl aya::Pod for AbiRecord {}
+    unsafe impl aya::Pod for policy::IpInfo {}
+    unsafe impl aya::Pod for policy::LocalEndpoint {}
+    unsafe impl aya::Pod for policy::PolicyKey {}
+    unsafe impl aya::Pod for policy::PolicyValue {}
+    unsafe impl aya::Pod for policy::PolicyState {}
+    unsafe impl aya::Pod for policy::FlowKey {}
+    unsafe impl aya::Pod for policy::FlowValue {}
+    unsafe impl aya::Pod for policy::RateLimit {}
+    unsafe impl aya::Pod for policy::PolicyEvent {}
 }

@@ -13,7 +13,10 @@ use mesh_common::{
     is_v4_mapped, to_words, v4_mapped, v4_of,
 };
 
-use crate::maps::{BACKENDS, COUNTERS, REV_NAT, SERVICES, SLOTS};
+use crate::{
+    maps::{BACKENDS, COUNTERS, REV_NAT, SERVICES, SLOTS},
+    policy,
+};
 
 /// Returned to let the syscall go on (possibly with a rewritten address).
 const ALLOW: i32 = 1;
@@ -22,6 +25,8 @@ const REJECT: i32 = 0;
 /// A service with no ready backend refuses at once, as kube-proxy's REJECT rule does, instead of letting a SYN
 /// disappear into a black hole.
 const ECONNREFUSED: i32 = 111;
+/// Policy denied the connection: refused before any packet leaves.
+const EACCES: i32 = 13;
 
 /// How to choose among a service's slots.
 #[derive(Clone, Copy)]
@@ -192,6 +197,11 @@ fn refuse() -> i32 {
     REJECT
 }
 
+fn deny() -> i32 {
+    unsafe { bpf_set_retval(-EACCES) };
+    REJECT
+}
+
 pub fn connect4(ctx: &SockAddrContext, pick: Pick) -> i32 {
     let Some(proto) = proto_of(ctx) else {
         return ALLOW;
@@ -204,12 +214,17 @@ pub fn connect4(ctx: &SockAddrContext, pick: Pick) -> i32 {
         _pad: 0,
     };
     match balance(ctx, &key, pick) {
-        Outcome::Pass => ALLOW,
+        Outcome::Pass if policy::egress_allowed(ctx, &key.addr, key.port, proto) => ALLOW,
+        Outcome::Pass => deny(),
         Outcome::Refuse => refuse(),
         Outcome::To(b, id) => {
             // An IPv4 socket cannot reach an IPv6 backend; the agent never pairs them, so just leave it alone.
             if !is_v4_mapped(&b.addr) {
                 return ALLOW;
+            }
+            // Policy sees the backend's target port, never the service port.
+            if !policy::egress_allowed(ctx, &b.addr, b.port, proto) {
+                return deny();
             }
             remember(ctx, &key, &b, id, pick);
             store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, v4_of(&b.addr));
@@ -231,9 +246,13 @@ pub fn connect6(ctx: &SockAddrContext, pick: Pick) -> i32 {
         _pad: 0,
     };
     match balance(ctx, &key, pick) {
-        Outcome::Pass => ALLOW,
+        Outcome::Pass if policy::egress_allowed(ctx, &key.addr, key.port, proto) => ALLOW,
+        Outcome::Pass => deny(),
         Outcome::Refuse => refuse(),
         Outcome::To(b, id) => {
+            if !policy::egress_allowed(ctx, &b.addr, b.port, proto) {
+                return deny();
+            }
             remember(ctx, &key, &b, id, pick);
             set_user_ip6(ctx, &b.addr);
             set_user_port(ctx, b.port);

@@ -5,14 +5,21 @@
 //! backend, and records the VIP in `rev_nat` under the socket cookie so that `getpeername()` and `recvmsg()` can show
 //! the VIP again. Nothing runs per packet.
 //!
-//! The entry points stay thin: each one parses its context and calls into [`lb`].
+//! Policy (`policy`): the same connect/sendmsg hooks refuse a denied connection with EACCES after choosing the
+//! backend, and a cgroup_skb ingress program judges the first packet of every connection at the destination.
+//!
+//! The entry points stay thin: each one parses its context and calls into [`lb`] or [`policy`].
 #![no_std]
 #![no_main]
 
 mod lb;
 mod maps;
+mod policy;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_skb, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext},
+};
 
 /// sock_addr programs return 1 to let the syscall proceed.
 const ALLOW: i32 = 1;
@@ -60,6 +67,19 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
 pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     lb::reverse6(&ctx);
     ALLOW
+}
+
+/// Server-side policy: judges the first packet of each connection arriving at a socket under the cgroup root.
+#[cgroup_skb(ingress)]
+pub fn policy_ingress(ctx: SkBuffContext) -> i32 {
+    policy::ingress(&ctx)
+}
+
+/// UDP replies: records flows local workloads start, so their answers pass the ingress check. Never drops.
+#[cgroup_skb(egress)]
+pub fn policy_egress(ctx: SkBuffContext) -> i32 {
+    policy::udp_egress(&ctx);
+    policy::SKB_PASS
 }
 
 #[cfg(not(test))]

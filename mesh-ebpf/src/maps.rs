@@ -2,12 +2,17 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use mesh_common::{
     AbiRecord, Backend, MAX_BACKENDS, MAX_REV_NAT, MAX_SERVICES, MAX_SLOTS, RevNatKey, RevNatValue,
     ServiceCounters, ServiceKey, ServiceValue, SlotKey, SlotValue,
+    policy::{
+        EVENTS_RING_BYTES, FlowKey, FlowValue, IpInfo, LocalEndpoint, MAX_IPCACHE, MAX_LOCAL_EPS,
+        MAX_POLICY, MAX_UDP_FLOWS, PolicyEvent, PolicyKey, PolicyState, PolicyValue, RateLimit,
+        counter,
+    },
 };
 
 // Only the agent writes services, slots and backends; allocating on insert keeps an idle node's memory small.
@@ -33,3 +38,30 @@ pub static COUNTERS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }> = P
 /// Written by the agent only; present in the object so it is created and pinned with the rest.
 #[btf_map(name = "abi")]
 pub static ABI: Array<AbiRecord, 1> = Array::new();
+
+#[btf_map(name = "ipcache")]
+pub static IPCACHE: LpmTrie<[u8; 16], IpInfo, { MAX_IPCACHE as usize }> = LpmTrie::new();
+
+#[btf_map(name = "local_eps")]
+pub static LOCAL_EPS: HashMap<u64, LocalEndpoint, { MAX_LOCAL_EPS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "policy")]
+pub static POLICY: HashMap<PolicyKey, PolicyValue, { MAX_POLICY as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "pol_state")]
+pub static POLICY_STATE: Array<PolicyState, 1> = Array::new();
+
+#[btf_map(name = "pol_counters")]
+pub static POLICY_COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "pol_ratelim")]
+pub static POLICY_RATELIMIT: PerCpuArray<RateLimit, 1> = PerCpuArray::new();
+
+#[btf_map(name = "udp_flows")]
+pub static UDP_FLOWS: LruHashMap<FlowKey, FlowValue, { MAX_UDP_FLOWS as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "pol_events")]
+pub static POLICY_EVENTS: RingBuf<PolicyEvent, { EVENTS_RING_BYTES as usize }> = RingBuf::new();

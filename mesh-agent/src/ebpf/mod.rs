@@ -19,7 +19,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
+    programs::{CgroupAttachMode, CgroupSkbAttachType, Program, links::FdLink, links::PinnedLink},
 };
 use mesh_common::{
     ABI_HASH, ABI_VERSION, AbiRecord, Backend, RevNatKey, RevNatValue, ServiceCounters, ServiceKey,
@@ -32,8 +32,9 @@ use crate::sys;
 /// The eBPF object built by build.rs from mesh-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
-/// Every program in the object; each is a cgroup sock_addr program whose attach type comes from its section.
-pub const PROGRAMS: [&str; 8] = [
+/// Every program in the object: cgroup sock_addr programs (attach type from their section) and the two
+/// cgroup_skb policy programs.
+pub const PROGRAMS: [&str; 10] = [
     "connect4",
     "connect6",
     "sendmsg4",
@@ -42,6 +43,8 @@ pub const PROGRAMS: [&str; 8] = [
     "recvmsg6",
     "getpeername4",
     "getpeername6",
+    "policy_ingress",
+    "policy_egress",
 ];
 
 /// Where things are pinned.
@@ -215,29 +218,52 @@ pub fn install(layout: &Layout, cgroup_root: &Path) -> anyhow::Result<InstallRep
     let cgroup = fs::File::open(cgroup_root)
         .with_context(|| format!("opening --cgroup-root {}", cgroup_root.display()))?;
     for name in PROGRAMS {
-        let prog: &mut CgroupSockAddr = ebpf
+        let program = ebpf
             .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("loading program {name}"))?;
+            .with_context(|| format!("program {name} missing from the object"))?;
         let pin = layout.link(name);
-        if pin.exists() {
-            let link = sys::obj_get(&pin)
-                .with_context(|| format!("opening pinned link {}", pin.display()))?;
-            sys::link_update(&link, prog.fd()?)
-                .with_context(|| format!("replacing the program of link {}", pin.display()))?;
-            report.replaced.push(name.to_string());
-        } else {
-            // With bpf_link the kernel always uses multi-attach semantics (other tools' programs at the same
-            // cgroup keep running) and rejects any flag, so the mode must be the flag-less `Single`.
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} at {}", cgroup_root.display()))?;
-            let link = FdLink::try_from(prog.take_link(id)?)?;
-            link.pin(&pin)
-                .with_context(|| format!("pinning link {}", pin.display()))?;
-            report.attached.push(name.to_string());
+        // With bpf_link the kernel always uses multi-attach semantics (other tools' programs at the same cgroup
+        // keep running) and rejects any flag, so the mode must be the flag-less `Single`.
+        let mode = CgroupAttachMode::Single;
+        let link = match program {
+            Program::CgroupSockAddr(prog) => {
+                prog.load()
+                    .with_context(|| format!("loading program {name}"))?;
+                if pin.exists() {
+                    replace(&pin, prog.fd()?)?;
+                    None
+                } else {
+                    let id = prog.attach(&cgroup, mode);
+                    let id = id.with_context(|| format!("attaching {name}"))?;
+                    Some(FdLink::try_from(prog.take_link(id)?)?)
+                }
+            }
+            Program::CgroupSkb(prog) => {
+                prog.load()
+                    .with_context(|| format!("loading program {name}"))?;
+                if pin.exists() {
+                    replace(&pin, prog.fd()?)?;
+                    None
+                } else {
+                    let kind = if name.ends_with("egress") {
+                        CgroupSkbAttachType::Egress
+                    } else {
+                        CgroupSkbAttachType::Ingress
+                    };
+                    let id = prog.attach(&cgroup, kind, mode);
+                    let id = id.with_context(|| format!("attaching {name}"))?;
+                    Some(FdLink::try_from(prog.take_link(id)?)?)
+                }
+            }
+            _ => bail!("program {name} has an unexpected type"),
+        };
+        match link {
+            Some(link) => {
+                link.pin(&pin)
+                    .with_context(|| format!("pinning link {}", pin.display()))?;
+                report.attached.push(name.to_string());
+            }
+            None => report.replaced.push(name.to_string()),
         }
     }
 
@@ -256,6 +282,15 @@ pub fn install(layout: &Layout, cgroup_root: &Path) -> anyhow::Result<InstallRep
     )?;
     // Dropping `ebpf` closes our fds; the pins keep the maps and the links (and so the programs) alive.
     Ok(report)
+}
+
+/// Swaps `prog` into the pinned link at `pin`: the attachment never goes away, so no connection is ever judged
+/// without a program.
+fn replace(pin: &Path, prog: impl std::os::fd::AsFd) -> anyhow::Result<()> {
+    let link =
+        sys::obj_get(pin).with_context(|| format!("opening pinned link {}", pin.display()))?;
+    sys::link_update(&link, prog)
+        .with_context(|| format!("replacing the program of link {}", pin.display()))
 }
 
 /// Detaches every program and unpins everything under the layout. Idempotent; reports what it removed.

@@ -1,0 +1,414 @@
+//! Identity policy: the client-side check at `connect()`/`sendmsg()`, the server-side check of the first packet
+//! at the destination socket's cgroup ingress, the UDP flow cache, and denial events.
+//!
+//! See `mesh_common::policy` for the lookup scheme and the two-epoch update protocol.
+
+use aya_ebpf::{
+    EbpfContext,
+    btf_maps::lpm_trie::Key,
+    helpers::generated::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    programs::{SkBuffContext, SockAddrContext},
+};
+use mesh_common::{
+    PROTO_TCP, PROTO_UDP, is_v4_mapped,
+    policy::{
+        CLASS_ID_MASK, CLASS_SKIP, DIR_EGRESS, DIR_INGRESS, DST_DEFAULT_DENY, FLOW_INBOUND,
+        FLOW_REPLY, FLOW_REPLY_TIMEOUT_NS, FlowKey, FlowValue, IpSlot, PolicyEvent, PolicyKey,
+        PolicyState, PolicyValue, VERDICT_ALLOW, VERDICT_DENY, VERDICT_FLAG_AUDIT, counter,
+        identity,
+    },
+    v4_mapped,
+};
+
+use crate::maps::{
+    IPCACHE, LOCAL_EPS, POLICY, POLICY_COUNTERS, POLICY_EVENTS, POLICY_RATELIMIT, POLICY_STATE,
+    UDP_FLOWS,
+};
+
+/// cgroup_skb: let the packet through.
+pub const SKB_PASS: i32 = 1;
+/// cgroup_skb: drop the packet.
+pub const SKB_DROP: i32 = 0;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// One event's worth of tokens (tokens are scaled by 1e9 so that the refill is `elapsed_ns * rate`).
+const TOKEN: u64 = 1_000_000_000;
+
+#[inline(always)]
+fn state() -> Option<PolicyState> {
+    POLICY_STATE.get_ptr(0).map(|s| unsafe { *s })
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(c) = POLICY_COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: a plain increment is exact.
+        unsafe { *c += 1 };
+    }
+}
+
+/// The epoch's slot of an address: its identity and classes. A miss is the world: class 0, no policy.
+#[inline(always)]
+fn ip_slot(addr: &[u8; 16], epoch: u32) -> IpSlot {
+    match IPCACHE.get(&Key::new(128, *addr)) {
+        Some(info) if epoch == 0 => info.slots[0],
+        Some(info) => info.slots[1],
+        None => IpSlot {
+            identity: identity::WORLD,
+            src_class: 0,
+            dst_class: 0,
+        },
+    }
+}
+
+/// The verdict for a connection from `src_class` to `dst_class` (with its default bit) on `port`.
+#[inline(always)]
+fn decide(dst_class: u32, src_class: u32, port: u16, epoch: u32) -> PolicyValue {
+    let mut key = PolicyKey {
+        dst_class: dst_class & CLASS_ID_MASK,
+        src_class,
+        port,
+        epoch: epoch as u8,
+        _pad: 0,
+    };
+    if let Some(v) = POLICY.get_ptr(&key) {
+        return unsafe { *v };
+    }
+    key.port = 0;
+    if let Some(v) = POLICY.get_ptr(&key) {
+        return unsafe { *v };
+    }
+    PolicyValue {
+        verdict: if dst_class & DST_DEFAULT_DENY != 0 {
+            VERDICT_DENY
+        } else {
+            VERDICT_ALLOW
+        },
+        flags: 0,
+        _pad: [0; 2],
+    }
+}
+
+/// Token bucket per CPU: at most `events_per_sec` events per second after a burst of `events_burst`.
+#[inline(always)]
+fn take_token(st: &PolicyState) -> bool {
+    let Some(rl) = POLICY_RATELIMIT.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let rl = unsafe { &mut *rl };
+    // Clamped so that `elapsed * rate` cannot overflow.
+    let elapsed = core::cmp::min(now.wrapping_sub(rl.last_ns), 10_000_000_000);
+    let burst = st.events_burst as u64 * TOKEN;
+    let mut tokens = rl.tokens + elapsed * st.events_per_sec as u64;
+    if tokens > burst {
+        tokens = burst;
+    }
+    rl.last_ns = now;
+    if tokens >= TOKEN {
+        rl.tokens = tokens - TOKEN;
+        true
+    } else {
+        rl.tokens = tokens;
+        false
+    }
+}
+
+/// Sends `ev` to userspace unless over the rate limit or the ring is full; either way it is counted.
+#[inline(always)]
+fn report(st: &PolicyState, ev: &PolicyEvent) {
+    if take_token(st) && POLICY_EVENTS.output(ev, 0).is_ok() {
+        bump(counter::EVENTS_SENT);
+    } else {
+        bump(counter::EVENTS_DROPPED);
+    }
+}
+
+/// What a check concluded, with what the event needs.
+struct Judged {
+    verdict: PolicyValue,
+    src: IpSlot,
+    dst: IpSlot,
+}
+
+/// Counts a verdict and reports denials and audited connections. Returns whether it is allowed.
+#[inline(always)]
+fn conclude(
+    st: &PolicyState,
+    j: &Judged,
+    direction: u8,
+    proto: u8,
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+) -> bool {
+    let allowed = j.verdict.verdict != VERDICT_DENY;
+    let audit = j.verdict.flags & VERDICT_FLAG_AUDIT != 0;
+    bump(match (allowed, direction == DIR_EGRESS) {
+        (true, true) => counter::ALLOWED_EGRESS,
+        (true, false) => counter::ALLOWED_INGRESS,
+        (false, true) => counter::DENIED_EGRESS,
+        (false, false) => counter::DENIED_INGRESS,
+    });
+    if audit {
+        bump(counter::AUDITED);
+    }
+    if !allowed || audit {
+        let ev = PolicyEvent {
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            src_addr: src.0,
+            dst_addr: dst.0,
+            src_port: src.1,
+            dst_port: dst.1,
+            src_identity: j.src.identity,
+            dst_identity: j.dst.identity,
+            src_class: j.src.src_class,
+            dst_class: j.dst.dst_class,
+            proto,
+            direction,
+            verdict: j.verdict.verdict,
+            flags: j.verdict.flags,
+            _pad: 0,
+        };
+        report(st, &ev);
+    }
+    allowed
+}
+
+/// The client-side check, after load balancing chose `dst`:`port`. Returns false to refuse the connect.
+///
+/// Only sockets of known local pods are checked here (by netns cookie, which the pod cannot choose); every
+/// other socket is left to the destination's ingress check.
+#[inline(always)]
+pub fn egress_allowed(ctx: &SockAddrContext, dst: &[u8; 16], port: u16, proto: u8) -> bool {
+    let Some(st) = state() else {
+        return true;
+    };
+    if st.enabled == 0 {
+        return true;
+    }
+    let epoch = st.epoch & 1;
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(ep) = LOCAL_EPS.get_ptr(&cookie) else {
+        return true;
+    };
+    let slot = unsafe {
+        if epoch == 0 {
+            (*ep).slots[0]
+        } else {
+            (*ep).slots[1]
+        }
+    };
+    let src_class = if is_v4_mapped(dst) {
+        slot.src_class4
+    } else {
+        slot.src_class6
+    };
+    if src_class == CLASS_SKIP {
+        return true;
+    }
+    let d = ip_slot(dst, epoch);
+    if d.dst_class & CLASS_ID_MASK == 0 {
+        return true;
+    }
+    let j = Judged {
+        verdict: decide(d.dst_class, src_class, port, epoch),
+        src: IpSlot {
+            identity: slot.identity,
+            src_class,
+            dst_class: 0,
+        },
+        dst: d,
+    };
+    // The source address is not chosen yet at connect(): the event carries the pod's identity instead.
+    conclude(&st, &j, DIR_EGRESS, proto, ([0; 16], 0), (*dst, port))
+}
+
+/// The first bytes of a packet that policy needs.
+struct Packet {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    proto: u8,
+    /// TCP: SYN without ACK. UDP: always.
+    first: bool,
+    sport: u16,
+    dport: u16,
+}
+
+/// Parses an IPv4 or IPv6 TCP/UDP packet. `None`: not TCP or UDP, or too short; `Some(Err(()))`: IPv6 with
+/// extension headers before the transport header, whose ports we do not look for.
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Option<Result<Packet, [u8; 16]>> {
+    let eth = u16::from_be(ctx.skb.protocol() as u16);
+    let (saddr, daddr, proto, l4) = if eth == ETH_P_IP {
+        let vihl: u8 = ctx.load(0).ok()?;
+        let proto: u8 = ctx.load(9).ok()?;
+        let s: u32 = ctx.load(12).ok()?;
+        let d: u32 = ctx.load(16).ok()?;
+        (
+            v4_mapped(s),
+            v4_mapped(d),
+            proto,
+            ((vihl & 0x0f) as usize) * 4,
+        )
+    } else if eth == ETH_P_IPV6 {
+        let next: u8 = ctx.load(6).ok()?;
+        let s: [u8; 16] = ctx.load(8).ok()?;
+        let d: [u8; 16] = ctx.load(24).ok()?;
+        if matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140) {
+            return Some(Err(d));
+        }
+        (s, d, next, 40)
+    } else {
+        return None;
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let ports: u32 = ctx.load(l4).ok()?;
+    let first = if proto == PROTO_TCP {
+        let flags: u8 = ctx.load(l4 + 13).ok()?;
+        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    } else {
+        true
+    };
+    // Two big-endian u16s as read from the wire.
+    let b = ports.to_ne_bytes();
+    Some(Ok(Packet {
+        saddr,
+        daddr,
+        proto,
+        first,
+        sport: u16::from_be_bytes([b[0], b[1]]),
+        dport: u16::from_be_bytes([b[2], b[3]]),
+    }))
+}
+
+/// The server-side check (cgroup_skb ingress, at the receiving socket). TCP: only a SYN is judged, every other
+/// segment passes at once. UDP: the first datagram of a flow is judged, then the flow cache answers until the
+/// policy generation changes.
+#[inline(always)]
+pub fn ingress(ctx: &SkBuffContext) -> i32 {
+    let Some(st) = state() else {
+        return SKB_PASS;
+    };
+    if st.enabled == 0 {
+        return SKB_PASS;
+    }
+    let p = match parse(ctx) {
+        None => return SKB_PASS,
+        Some(Ok(p)) => p,
+        // Fail closed: a workload under policy does not take IPv6 packets whose ports we cannot see.
+        Some(Err(daddr)) => {
+            let d = ip_slot(&daddr, st.epoch & 1);
+            return if d.dst_class & CLASS_ID_MASK == 0 {
+                SKB_PASS
+            } else {
+                bump(counter::DENIED_INGRESS);
+                SKB_DROP
+            };
+        }
+    };
+    if !p.first {
+        return SKB_PASS;
+    }
+    let epoch = st.epoch & 1;
+    let d = ip_slot(&p.daddr, epoch);
+    if d.dst_class & CLASS_ID_MASK == 0 {
+        return SKB_PASS;
+    }
+    let flow = FlowKey {
+        saddr: p.saddr,
+        daddr: p.daddr,
+        sport: p.sport,
+        dport: p.dport,
+    };
+    if p.proto == PROTO_UDP
+        && let Some(f) = UDP_FLOWS.get_ptr(&flow)
+    {
+        let f = unsafe { *f };
+        let fresh = match f.kind {
+            FLOW_INBOUND => f.generation == st.generation,
+            FLOW_REPLY => {
+                unsafe { bpf_ktime_get_ns() }.wrapping_sub(f.last_out_ns) < FLOW_REPLY_TIMEOUT_NS
+            }
+            _ => false,
+        };
+        if fresh {
+            bump(counter::UDP_FLOW_HITS);
+            return SKB_PASS;
+        }
+    }
+    let s = ip_slot(&p.saddr, epoch);
+    let j = Judged {
+        verdict: decide(d.dst_class, s.src_class, p.dport, epoch),
+        src: s,
+        dst: d,
+    };
+    let allowed = conclude(
+        &st,
+        &j,
+        DIR_INGRESS,
+        p.proto,
+        (p.saddr, p.sport),
+        (p.daddr, p.dport),
+    );
+    if !allowed {
+        return SKB_DROP;
+    }
+    if p.proto == PROTO_UDP {
+        let v = FlowValue {
+            kind: FLOW_INBOUND,
+            generation: st.generation,
+            last_out_ns: 0,
+        };
+        let _ = UDP_FLOWS.insert(&flow, &v, 0);
+    }
+    SKB_PASS
+}
+
+/// cgroup_skb egress, UDP only: a datagram a local workload under policy sends opens the way back for replies
+/// (as conntrack does), unless it is itself a reply to a flow that came in.
+#[inline(always)]
+pub fn udp_egress(ctx: &SkBuffContext) {
+    let Some(st) = state() else {
+        return;
+    };
+    if st.enabled == 0 {
+        return;
+    }
+    let Some(Ok(p)) = parse(ctx) else {
+        return;
+    };
+    if p.proto != PROTO_UDP {
+        return;
+    }
+    // Only workloads whose ingress is filtered need a reply entry.
+    let local = ip_slot(&p.saddr, st.epoch & 1);
+    if local.dst_class & CLASS_ID_MASK == 0 {
+        return;
+    }
+    let back = FlowKey {
+        saddr: p.daddr,
+        daddr: p.saddr,
+        sport: p.dport,
+        dport: p.sport,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(f) = UDP_FLOWS.get_ptr_mut(&back) {
+        unsafe {
+            if (*f).kind == FLOW_REPLY {
+                (*f).last_out_ns = now;
+            }
+        }
+        return;
+    }
+    let v = FlowValue {
+        kind: FLOW_REPLY,
+        generation: 0,
+        last_out_ns: now,
+    };
+    let _ = UDP_FLOWS.insert(&back, &v, 0);
+}

@@ -1,7 +1,9 @@
 //! The reference evaluator: what an `AuthorizationPolicy` set decides for one L4 request, and per-rule statuses.
 //!
-//! This is the specification the kernel compiler is tested against, so it is written for clarity, not speed: it
-//! re-parses rules on every call.
+//! This is the specification the kernel compiler is tested against, and there is one implementation of it:
+//! [`Evaluator`], which parses and checks every rule once when it is built, so that a compiler can evaluate
+//! millions of requests against the same policies. [`evaluate`], [`evaluate_with_root`], [`statuses`] and
+//! [`rule_status`] are thin wrappers over the same compiled rules.
 //!
 //! # Semantics
 //!
@@ -46,7 +48,7 @@
 //!   it could have been meant to deny, and enforcing it as an ALLOW would add a default deny it did not ask for
 //!   while granting what its rules match.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -161,103 +163,41 @@ pub fn evaluate(policies: &[AuthorizationPolicy], req: &Request) -> Verdict {
 }
 
 /// Evaluates `policies` for `req`; policies in `root_namespace` apply to workloads in every namespace.
+///
+/// The same as `Evaluator::new(policies, root_namespace).evaluate(req)`; build an [`Evaluator`] once to evaluate
+/// many requests against the same policies.
 pub fn evaluate_with_root(
     policies: &[AuthorizationPolicy],
     req: &Request,
     root_namespace: &str,
 ) -> Verdict {
-    let mut applicable: Vec<&AuthorizationPolicy> = policies
-        .iter()
-        .filter(|p| applies_to(p, req, root_namespace))
-        .collect();
-    applicable.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-
-    let first_match = |p: &AuthorizationPolicy| -> Option<Decider> {
-        let i = (0..p.spec.rules.len()).find(|&i| compile_rule(p, i).matches(req))?;
-        Some(Decider {
-            policy: p.key(),
-            action: p.spec.action.clone(),
-            rule_index: i,
-        })
-    };
-
-    let audit: Vec<Decider> = applicable
-        .iter()
-        .filter(|p| p.spec.action == Action::Audit)
-        .filter_map(|p| first_match(p))
-        .collect();
-
-    let deny = applicable
-        .iter()
-        .filter(|p| mode(&p.spec.action) == Mode::Broad)
-        .find_map(|p| first_match(p).map(|d| (*p, d)));
-    if let Some((p, d)) = deny {
-        let mut reason = format!(
-            "rule {} of {} ({}) matches",
-            d.rule_index, d.policy, d.action
-        );
-        if let Action::Unknown(a) = &d.action {
-            reason.push_str(&format!("; action {a:?} is unknown, enforced as DENY"));
-        }
-        match rule_status(p, d.rule_index) {
-            RuleStatus::KernelEnforced => {}
-            RuleStatus::ProxyRequired { .. } => reason.push_str(
-                " on its L4 part (L7 fields ignored: the deny is broader, never narrower)",
-            ),
-            RuleStatus::Rejected { reason: r } => {
-                reason.push_str(&format!(" (rejected, enforced fail-closed: {r})"))
-            }
-        }
-        return Verdict {
-            allowed: false,
-            deciding: Some(d),
-            reason,
-            audit,
-        };
-    }
-
-    let mut allow_policies = applicable
-        .iter()
-        .filter(|p| p.spec.action == Action::Allow)
-        .peekable();
-    if allow_policies.peek().is_none() {
-        return Verdict {
-            allowed: true,
-            deciding: None,
-            reason: DEFAULT_ALLOW_REASON.to_string(),
-            audit,
-        };
-    }
-    match allow_policies.find_map(|p| first_match(p)) {
-        Some(d) => Verdict {
-            allowed: true,
-            reason: format!(
-                "rule {} of {} ({}) matches",
-                d.rule_index, d.policy, d.action
-            ),
-            deciding: Some(d),
-            audit,
-        },
-        None => Verdict {
-            allowed: false,
-            deciding: None,
-            reason: DEFAULT_DENY_REASON.to_string(),
-            audit,
-        },
-    }
+    Evaluator::new(policies, root_namespace).evaluate(req)
 }
 
 /// Whether `policy` applies to the destination workload of `req`.
 pub fn applies_to(policy: &AuthorizationPolicy, req: &Request, root_namespace: &str) -> bool {
-    let ns = policy.metadata.namespace.as_str();
-    (ns == req.dest_namespace || ns == root_namespace)
+    selects(
+        policy,
+        &req.dest_namespace,
+        &req.dest_labels,
+        root_namespace,
+    )
+}
+
+/// Whether `policy` applies to a workload in `namespace` with `labels`.
+fn selects(
+    policy: &AuthorizationPolicy,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    root_namespace: &str,
+) -> bool {
+    let ns = policy.namespace();
+    (ns == namespace || ns == root_namespace)
         && policy
             .spec
             .selector
             .as_ref()
-            .is_none_or(|s| s.matches(&req.dest_labels))
+            .is_none_or(|s| s.matches(labels))
 }
 
 /// The status of every rule of `policy`, in order.
@@ -274,34 +214,215 @@ pub fn rule_status(policy: &AuthorizationPolicy, rule_index: usize) -> RuleStatu
             reason: format!("rules[{rule_index}]: no such rule"),
         };
     }
-    let c = compile_rule(policy, rule_index);
-    let broad = c.mode == Mode::Broad;
-    if !c.problems.is_empty() {
-        let mut reason = c.problems.join("; ");
-        if !c.l7.is_empty() {
-            reason.push_str(&format!("; also needs a proxy for {}", c.l7.join(", ")));
-        }
-        reason.push_str(if broad {
-            "; enforced fail-closed as a DENY: invalid values match everything they could, unknown fields are ignored"
-        } else {
-            "; the rule matches nothing"
+    compile_rule(policy, rule_index).status()
+}
+
+/// A set of policies with their rules compiled once, to evaluate many requests.
+///
+/// This is the one implementation of the semantics in the module documentation: [`evaluate`] and
+/// [`evaluate_with_root`] build an `Evaluator` for a single request. A kernel compiler that enumerates requests
+/// uses [`applicable`](Self::applicable) once per workload and [`evaluate_among`](Self::evaluate_among) per
+/// request, and [`ports`](Self::ports) / [`cidrs`](Self::cidrs) to know which ports and addresses can make a
+/// difference (any two values that fall in the same CIDRs and are not named ports get the same verdict).
+pub struct Evaluator<'a> {
+    policies: &'a [AuthorizationPolicy],
+    root_namespace: String,
+    /// Indices into `policies` in decider order: by `namespace/name`, then listing order.
+    order: Vec<usize>,
+    /// `rank[i]`: the position of policy `i` in `order`.
+    rank: Vec<usize>,
+    /// `namespace/name` of each policy.
+    keys: Vec<String>,
+    /// Each policy's rules, compiled.
+    rules: Vec<Vec<CompiledRule>>,
+    /// Each policy's rule statuses.
+    statuses: Vec<Vec<RuleStatus>>,
+}
+
+impl<'a> Evaluator<'a> {
+    /// Compiles every rule of `policies`; policies in `root_namespace` apply to workloads in every namespace.
+    pub fn new(policies: &'a [AuthorizationPolicy], root_namespace: &str) -> Self {
+        let mut order: Vec<usize> = (0..policies.len()).collect();
+        // Stable: policies with the same namespace/name keep their listing order.
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&policies[a], &policies[b]);
+            (a.namespace(), a.name()).cmp(&(b.namespace(), b.name()))
         });
-        return RuleStatus::Rejected { reason };
+        let mut rank = vec![0; policies.len()];
+        for (position, &i) in order.iter().enumerate() {
+            rank[i] = position;
+        }
+        let rules: Vec<Vec<CompiledRule>> = policies
+            .iter()
+            .map(|p| {
+                (0..p.spec.rules.len())
+                    .map(|i| compile_rule(p, i))
+                    .collect()
+            })
+            .collect();
+        let statuses = rules
+            .iter()
+            .map(|rules| rules.iter().map(CompiledRule::status).collect())
+            .collect();
+        Evaluator {
+            policies,
+            root_namespace: root_namespace.to_string(),
+            order,
+            rank,
+            keys: policies.iter().map(AuthorizationPolicy::key).collect(),
+            rules,
+            statuses,
+        }
     }
-    if !c.l7.is_empty() {
-        let consequence = if broad {
-            "the DENY rule is enforced on its L4 part only (broader)"
-        } else {
-            "the rule matches nothing without a proxy"
-        };
-        return RuleStatus::ProxyRequired {
-            reason: format!(
-                "{} cannot be enforced at L4; {consequence}",
-                c.l7.join(", ")
-            ),
-        };
+
+    /// The policies this evaluator was built from.
+    pub fn policies(&self) -> &'a [AuthorizationPolicy] {
+        self.policies
     }
-    RuleStatus::KernelEnforced
+
+    /// Indices (into the policies) of the policies that apply to a workload in `namespace` with `labels`, in
+    /// decider order (by `namespace/name`).
+    pub fn applicable(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Vec<usize> {
+        self.order
+            .iter()
+            .copied()
+            .filter(|&i| selects(&self.policies[i], namespace, labels, &self.root_namespace))
+            .collect()
+    }
+
+    /// The verdict for `req`, given that exactly the policies `applicable` apply to its destination, in the
+    /// order [`applicable`](Self::applicable) returns them. `req.dest_namespace` and `req.dest_labels` are not
+    /// looked at.
+    pub fn evaluate_among(&self, applicable: &[usize], req: &Request) -> Verdict {
+        debug_assert!(
+            applicable
+                .windows(2)
+                .all(|w| self.rank[w[0]] < self.rank[w[1]]),
+            "applicable policies must be in the order Evaluator::applicable returns"
+        );
+        let peer = Peer::of(req);
+        let first_match = |i: usize| -> Option<Decider> {
+            let rule_index = self.rules[i].iter().position(|c| c.matches(&peer))?;
+            Some(Decider {
+                policy: self.keys[i].clone(),
+                action: self.policies[i].spec.action.clone(),
+                rule_index,
+            })
+        };
+        let action = |i: usize| &self.policies[i].spec.action;
+
+        let audit: Vec<Decider> = applicable
+            .iter()
+            .filter(|&&i| *action(i) == Action::Audit)
+            .filter_map(|&i| first_match(i))
+            .collect();
+
+        let deny = applicable
+            .iter()
+            .filter(|&&i| mode(action(i)) == Mode::Broad)
+            .find_map(|&i| first_match(i).map(|d| (i, d)));
+        if let Some((i, d)) = deny {
+            let mut reason = format!(
+                "rule {} of {} ({}) matches",
+                d.rule_index, d.policy, d.action
+            );
+            if let Action::Unknown(a) = &d.action {
+                reason.push_str(&format!("; action {a:?} is unknown, enforced as DENY"));
+            }
+            match &self.statuses[i][d.rule_index] {
+                RuleStatus::KernelEnforced => {}
+                RuleStatus::ProxyRequired { .. } => reason.push_str(
+                    " on its L4 part (L7 fields ignored: the deny is broader, never narrower)",
+                ),
+                RuleStatus::Rejected { reason: r } => {
+                    reason.push_str(&format!(" (rejected, enforced fail-closed: {r})"))
+                }
+            }
+            return Verdict {
+                allowed: false,
+                deciding: Some(d),
+                reason,
+                audit,
+            };
+        }
+
+        let mut allow_policies = applicable
+            .iter()
+            .copied()
+            .filter(|&i| *action(i) == Action::Allow)
+            .peekable();
+        if allow_policies.peek().is_none() {
+            return Verdict {
+                allowed: true,
+                deciding: None,
+                reason: DEFAULT_ALLOW_REASON.to_string(),
+                audit,
+            };
+        }
+        match allow_policies.find_map(first_match) {
+            Some(d) => Verdict {
+                allowed: true,
+                reason: format!(
+                    "rule {} of {} ({}) matches",
+                    d.rule_index, d.policy, d.action
+                ),
+                deciding: Some(d),
+                audit,
+            },
+            None => Verdict {
+                allowed: false,
+                deciding: None,
+                reason: DEFAULT_DENY_REASON.to_string(),
+                audit,
+            },
+        }
+    }
+
+    /// The verdict for `req`: `evaluate_among(&self.applicable(&req.dest_namespace, &req.dest_labels), req)`.
+    pub fn evaluate(&self, req: &Request) -> Verdict {
+        self.evaluate_among(&self.applicable(&req.dest_namespace, &req.dest_labels), req)
+    }
+
+    /// The status of every rule of policy `policy` (an index into the policies), in order.
+    pub fn statuses(&self, policy: usize) -> &[RuleStatus] {
+        &self.statuses[policy]
+    }
+
+    /// Every valid port number named in `ports`/`notPorts` of the rules of the policies `applicable`. A port
+    /// that is not in this set gets the same verdict as any other port not in it.
+    pub fn ports(&self, applicable: &[usize]) -> BTreeSet<u16> {
+        let mut ports = BTreeSet::new();
+        let operations = applicable
+            .iter()
+            .flat_map(|&i| &self.rules[i])
+            .flat_map(|rule| &rule.to);
+        for operation in operations {
+            for field in [&operation.ports, &operation.not_ports]
+                .into_iter()
+                .flatten()
+            {
+                ports.extend(field.values.iter().copied());
+            }
+        }
+        ports
+    }
+
+    /// Every valid CIDR in `ipBlocks`/`notIpBlocks` of any rule of any policy: the network address (host bits
+    /// zero) and the prefix length in its own family (IPv4-mapped IPv6 blocks are given as IPv4), deduplicated
+    /// and sorted. A source address gets the same verdict as any other that falls in exactly the same CIDRs.
+    pub fn cidrs(&self) -> Vec<(IpAddr, u8)> {
+        let mut cidrs = BTreeSet::new();
+        let sources = self.rules.iter().flatten().flat_map(|rule| &rule.from);
+        for source in sources {
+            for field in [&source.ip_blocks, &source.not_ip_blocks]
+                .into_iter()
+                .flatten()
+            {
+                cidrs.extend(field.values.iter().map(|c| (c.network(), c.len)));
+            }
+        }
+        cidrs.into_iter().collect()
+    }
 }
 
 /// How doubts (invalid values, unenforceable fields) resolve for a policy's rules.
@@ -320,6 +441,27 @@ fn mode(action: &Action) -> Mode {
     }
 }
 
+/// What a rule looks at in a request, prepared once per request.
+struct Peer<'r> {
+    /// The principal as Istio matches it (no `spiffe://`); `None` for plaintext.
+    principal: Option<String>,
+    namespace: Option<&'r str>,
+    /// IPv4-mapped IPv6 addresses as IPv4, as CIDRs are kept.
+    ip: IpAddr,
+    port: u16,
+}
+
+impl<'r> Peer<'r> {
+    fn of(req: &'r Request) -> Self {
+        Peer {
+            principal: req.source.as_ref().map(Identity::principal),
+            namespace: req.source.as_ref().map(|i| i.namespace.as_str()),
+            ip: req.source_ip.to_canonical(),
+            port: req.dest_port,
+        }
+    }
+}
+
 /// A rule parsed for evaluation, with what was wrong with it.
 struct CompiledRule {
     mode: Mode,
@@ -334,12 +476,42 @@ struct CompiledRule {
 }
 
 impl CompiledRule {
-    fn matches(&self, req: &Request) -> bool {
+    fn matches(&self, peer: &Peer) -> bool {
         if self.mode == Mode::Exact && !(self.problems.is_empty() && self.l7.is_empty()) {
             return false;
         }
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(req)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(req)))
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(peer)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(peer)))
+    }
+
+    fn status(&self) -> RuleStatus {
+        let broad = self.mode == Mode::Broad;
+        if !self.problems.is_empty() {
+            let mut reason = self.problems.join("; ");
+            if !self.l7.is_empty() {
+                reason.push_str(&format!("; also needs a proxy for {}", self.l7.join(", ")));
+            }
+            reason.push_str(if broad {
+                "; enforced fail-closed as a DENY: invalid values match everything they could, unknown fields are ignored"
+            } else {
+                "; the rule matches nothing"
+            });
+            return RuleStatus::Rejected { reason };
+        }
+        if !self.l7.is_empty() {
+            let consequence = if broad {
+                "the DENY rule is enforced on its L4 part only (broader)"
+            } else {
+                "the rule matches nothing without a proxy"
+            };
+            return RuleStatus::ProxyRequired {
+                reason: format!(
+                    "{} cannot be enforced at L4; {consequence}",
+                    self.l7.join(", ")
+                ),
+            };
+        }
+        RuleStatus::KernelEnforced
     }
 }
 
@@ -372,22 +544,20 @@ struct SourceMatch {
 }
 
 impl SourceMatch {
-    fn matches(&self, req: &Request) -> bool {
-        let principal = req.source.as_ref().map(Identity::principal);
-        let namespace = req.source.as_ref().map(|i| i.namespace.as_str());
-        let ip = req.source_ip.to_canonical();
-        positive_identity(&self.principals, principal.as_deref())
-            && negative_identity(&self.not_principals, principal.as_deref())
-            && positive_identity(&self.namespaces, namespace)
-            && negative_identity(&self.not_namespaces, namespace)
+    fn matches(&self, peer: &Peer) -> bool {
+        let principal = peer.principal.as_deref();
+        positive_identity(&self.principals, principal)
+            && negative_identity(&self.not_principals, principal)
+            && positive_identity(&self.namespaces, peer.namespace)
+            && negative_identity(&self.not_namespaces, peer.namespace)
             && self
                 .ip_blocks
                 .as_ref()
-                .is_none_or(|f| f.any(|c| c.contains(ip)))
+                .is_none_or(|f| f.any(|c| c.contains(peer.ip)))
             && self
                 .not_ip_blocks
                 .as_ref()
-                .is_none_or(|f| f.none(|c| c.contains(ip)))
+                .is_none_or(|f| f.none(|c| c.contains(peer.ip)))
     }
 }
 
@@ -416,14 +586,14 @@ struct OperationMatch {
 }
 
 impl OperationMatch {
-    fn matches(&self, req: &Request) -> bool {
+    fn matches(&self, peer: &Peer) -> bool {
         self.ports
             .as_ref()
-            .is_none_or(|f| f.any(|&p| p == req.dest_port))
+            .is_none_or(|f| f.any(|&p| p == peer.port))
             && self
                 .not_ports
                 .as_ref()
-                .is_none_or(|f| f.none(|&p| p == req.dest_port))
+                .is_none_or(|f| f.none(|&p| p == peer.port))
     }
 }
 
@@ -530,6 +700,22 @@ struct Cidr {
 }
 
 impl Cidr {
+    /// The network address: the address with its host bits zero.
+    fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+
     fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -843,6 +1029,111 @@ mod tests {
 
     fn allowed(policies: &[AuthorizationPolicy], r: &Request) -> bool {
         evaluate(policies, r).allowed
+    }
+
+    /// Every test evaluates through here: the public wrapper, checked against an [`Evaluator`] built once and
+    /// used through `applicable` + `evaluate_among`, and against [`oracle`] (the evaluator as it was before rules
+    /// were precompiled), so that every case below also proves the three agree byte for byte.
+    fn evaluate(policies: &[AuthorizationPolicy], r: &Request) -> Verdict {
+        evaluate_with_root(policies, r, DEFAULT_ROOT_NAMESPACE)
+    }
+
+    fn evaluate_with_root(policies: &[AuthorizationPolicy], r: &Request, root: &str) -> Verdict {
+        let v = super::evaluate_with_root(policies, r, root);
+        if root == DEFAULT_ROOT_NAMESPACE {
+            assert_eq!(super::evaluate(policies, r), v);
+        }
+        let e = Evaluator::new(policies, root);
+        assert_eq!(e.evaluate(r), v);
+        let applicable = e.applicable(&r.dest_namespace, &r.dest_labels);
+        let elsewhere = Request {
+            dest_namespace: "nowhere-else".into(),
+            dest_labels: BTreeMap::new(),
+            ..r.clone()
+        };
+        assert_eq!(e.evaluate_among(&applicable, &elsewhere), v);
+        assert_eq!(oracle(policies, r, root), v);
+        v
+    }
+
+    /// The evaluator before precompilation: filter, sort, then compile each rule on every call.
+    fn oracle(policies: &[AuthorizationPolicy], req: &Request, root_namespace: &str) -> Verdict {
+        let mut applicable: Vec<&AuthorizationPolicy> = policies
+            .iter()
+            .filter(|p| applies_to(p, req, root_namespace))
+            .collect();
+        applicable.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
+        let first_match = |p: &AuthorizationPolicy| -> Option<Decider> {
+            let i =
+                (0..p.spec.rules.len()).find(|&i| compile_rule(p, i).matches(&Peer::of(req)))?;
+            Some(Decider {
+                policy: p.key(),
+                action: p.spec.action.clone(),
+                rule_index: i,
+            })
+        };
+        let audit: Vec<Decider> = applicable
+            .iter()
+            .filter(|p| p.spec.action == Action::Audit)
+            .filter_map(|p| first_match(p))
+            .collect();
+        let deny = applicable
+            .iter()
+            .filter(|p| mode(&p.spec.action) == Mode::Broad)
+            .find_map(|p| first_match(p).map(|d| (*p, d)));
+        if let Some((p, d)) = deny {
+            let mut reason = format!(
+                "rule {} of {} ({}) matches",
+                d.rule_index, d.policy, d.action
+            );
+            if let Action::Unknown(a) = &d.action {
+                reason.push_str(&format!("; action {a:?} is unknown, enforced as DENY"));
+            }
+            match rule_status(p, d.rule_index) {
+                RuleStatus::KernelEnforced => {}
+                RuleStatus::ProxyRequired { .. } => reason.push_str(
+                    " on its L4 part (L7 fields ignored: the deny is broader, never narrower)",
+                ),
+                RuleStatus::Rejected { reason: r } => {
+                    reason.push_str(&format!(" (rejected, enforced fail-closed: {r})"))
+                }
+            }
+            return Verdict {
+                allowed: false,
+                deciding: Some(d),
+                reason,
+                audit,
+            };
+        }
+        let mut allow_policies = applicable
+            .iter()
+            .filter(|p| p.spec.action == Action::Allow)
+            .peekable();
+        if allow_policies.peek().is_none() {
+            return Verdict {
+                allowed: true,
+                deciding: None,
+                reason: DEFAULT_ALLOW_REASON.to_string(),
+                audit,
+            };
+        }
+        match allow_policies.find_map(|p| first_match(p)) {
+            Some(d) => Verdict {
+                allowed: true,
+                reason: format!(
+                    "rule {} of {} ({}) matches",
+                    d.rule_index, d.policy, d.action
+                ),
+                deciding: Some(d),
+                audit,
+            },
+            None => Verdict {
+                allowed: false,
+                deciding: None,
+                reason: DEFAULT_DENY_REASON.to_string(),
+                audit,
+            },
+        }
     }
 
     fn rejected_reason(s: &RuleStatus) -> &str {
@@ -1990,6 +2281,180 @@ spec:
         let bar = from("bar", "x");
         assert!(!allowed(std::slice::from_ref(&one), &bar));
         assert!(allowed(&[two], &bar));
+    }
+
+    // ---- Evaluator ----------------------------------------------------------------------------------------------
+
+    #[test]
+    fn evaluator_applicable_is_in_decider_order() {
+        let ps = pols(
+            "
+metadata: {name: z, namespace: default}
+spec: {action: DENY, rules: [{}]}
+---
+metadata: {name: other-ns, namespace: prod}
+spec: {}
+---
+metadata: {name: a, namespace: sinew-system}
+spec: {selector: {matchLabels: {app: web}}}
+---
+metadata: {name: b, namespace: default}
+spec: {selector: {matchLabels: {app: db}}}
+---
+metadata: {name: a, namespace: default}
+spec: {action: AUDIT, rules: [{}]}
+",
+        );
+        let e = Evaluator::new(&ps, DEFAULT_ROOT_NAMESPACE);
+        let web = BTreeMap::from([("app".to_string(), "web".to_string())]);
+        assert_eq!(e.applicable("default", &web), [4, 0, 2]);
+        assert_eq!(e.applicable("prod", &web), [1, 2]);
+        assert_eq!(e.applicable("prod", &BTreeMap::new()), [1]);
+        assert_eq!(e.applicable("empty", &BTreeMap::new()), Vec::<usize>::new());
+        let v = e.evaluate_among(&[4, 0, 2], &req());
+        assert_eq!(v.to_string(), "deny by default/z rule 0 (DENY)");
+        assert_eq!(v.audit[0].policy, "default/a");
+        // Without the DENY, the root namespace's ALLOW (no rules) denies by default.
+        assert!(!e.evaluate_among(&[4, 2], &req()).allowed);
+        assert!(e.evaluate_among(&[], &req()).allowed);
+        assert_eq!(e.statuses(0), [RuleStatus::KernelEnforced]);
+        assert_eq!(e.policies().len(), 5);
+    }
+
+    #[test]
+    fn evaluator_agrees_with_the_wrapper_on_a_request_grid() {
+        // Every request of a small grid against a mixed policy set, through every entry point.
+        let ps = pols(
+            "
+metadata: {name: allow-foo-8080, namespace: default}
+spec:
+  rules:
+  - from: [{source: {namespaces: [foo], notIpBlocks: [10.1.2.128/25]}}]
+    to: [{operation: {ports: ['8080'], notPorts: ['8081']}}]
+  - from: [{source: {ipBlocks: ['2001:db8::/32', 192.168.0.0/16]}}]
+---
+metadata: {name: deny-plaintext, namespace: default}
+spec:
+  action: DENY
+  rules: [{from: [{source: {notPrincipals: ['*']}}], to: [{operation: {ports: ['9090']}}]}]
+---
+metadata: {name: broken, namespace: sinew-system}
+spec:
+  action: DENY
+  rules: [{from: [{source: {ipBlocks: [bogus], namespaces: [evil]}}]}]
+---
+metadata: {name: audit, namespace: default}
+spec: {action: AUDIT, rules: [{to: [{operation: {ports: ['8080']}}]}]}
+---
+metadata: {name: custom, namespace: default}
+spec: {action: CUSTOM, rules: [{to: [{operation: {ports: ['7070']}}]}]}
+",
+        );
+        let sources = [
+            Some(Identity::new(TD, "foo", "client")),
+            Some(Identity::new(TD, "evil", "x")),
+            Some(Identity::new(TD, "bar", "x")),
+            None,
+        ];
+        let ips = [
+            "10.1.2.3",
+            "10.1.2.200",
+            "192.168.1.1",
+            "2001:db8::9",
+            "::ffff:10.1.2.3",
+        ];
+        let mut seen = BTreeSet::new();
+        for source in &sources {
+            for ip in ips {
+                for port in [7070, 8080, 8081, 9090, 1] {
+                    for ns in ["default", "prod"] {
+                        let r = Request {
+                            source: source.clone(),
+                            source_ip: ip.parse().unwrap(),
+                            dest_namespace: ns.into(),
+                            dest_port: port,
+                            ..req()
+                        };
+                        seen.insert(evaluate(&ps, &r).to_string());
+                    }
+                }
+            }
+        }
+        // The grid reaches every kind of verdict.
+        for expect in [
+            "allow by default/allow-foo-8080 rule 0 (ALLOW)",
+            "allow by default/allow-foo-8080 rule 1 (ALLOW)",
+            "deny by default/custom rule 0 (CUSTOM as DENY)",
+            "deny by default/deny-plaintext rule 0 (DENY)",
+            "deny by sinew-system/broken rule 0 (DENY)",
+            "allow: no ALLOW policy selects the workload",
+            "deny: an ALLOW policy selects the workload and no rule matched (default deny)",
+        ] {
+            assert!(seen.contains(expect), "{expect} not in {seen:#?}");
+        }
+    }
+
+    #[test]
+    fn evaluator_ports() {
+        let ps = pols("
+metadata: {name: a, namespace: default}
+spec:
+  rules:
+  - to: [{operation: {ports: ['8080', 9090, '80a', 0, 70000], notPorts: [22]}}]
+  - to: [{operation: {methods: [GET], ports: ['443']}}]
+  - from: [{source: {namespaces: [foo]}}]
+---
+metadata: {name: b, namespace: default}
+spec: {action: DENY, rules: [{to: [{operation: {notPorts: ['22', '2222']}}, {operation: {ports: [65535]}}]}]}
+---
+metadata: {name: c, namespace: prod}
+spec: {rules: [{to: [{operation: {ports: ['1']}}]}]}
+");
+        let e = Evaluator::new(&ps, DEFAULT_ROOT_NAMESPACE);
+        assert_eq!(
+            e.ports(&[0]),
+            BTreeSet::from([22, 443, 8080, 9090]),
+            "invalid ports left out, L7 and rejected rules included"
+        );
+        assert_eq!(e.ports(&[1]), BTreeSet::from([22, 2222, 65535]));
+        assert_eq!(
+            e.ports(&[0, 1, 2]),
+            BTreeSet::from([1, 22, 443, 2222, 8080, 9090, 65535])
+        );
+        assert_eq!(e.ports(&[]), BTreeSet::new());
+        let labels = BTreeMap::new();
+        assert_eq!(e.ports(&e.applicable("default", &labels)).len(), 6);
+    }
+
+    #[test]
+    fn evaluator_cidrs() {
+        let ps = pols("
+metadata: {name: a, namespace: default}
+spec:
+  rules:
+  - from:
+    - source: {ipBlocks: [10.1.2.77/24, 10.1.2.0/24, 10.0.0.0/33, 192.168.1.1, bogus]}
+    - source: {notIpBlocks: ['2001:db8::1/32', '::ffff:10.0.0.0/104', '::ffff:0:0/95', 0.0.0.0/0, '::/0']}
+---
+metadata: {name: b, namespace: other}
+spec: {action: DENY, rules: [{from: [{source: {ipBlocks: ['2001:db8::5', 10.255.255.255/8]}}]}]}
+");
+        let e = Evaluator::new(&ps, DEFAULT_ROOT_NAMESPACE);
+        let cidr = |s: &str, len: u8| (s.parse::<IpAddr>().unwrap(), len);
+        assert_eq!(
+            e.cidrs(),
+            [
+                cidr("0.0.0.0", 0),
+                cidr("10.0.0.0", 8),
+                cidr("10.1.2.0", 24),
+                cidr("192.168.1.1", 32),
+                cidr("::", 0),
+                cidr("::fffe:0:0", 95),
+                cidr("2001:db8::", 32),
+                cidr("2001:db8::5", 128),
+            ]
+        );
+        assert_eq!(Evaluator::new(&[], "x").cidrs(), []);
     }
 
     trait IntoNs {

@@ -52,9 +52,19 @@ pub struct AuthorizationPolicy {
 }
 
 impl AuthorizationPolicy {
+    /// `metadata.namespace`.
+    pub fn namespace(&self) -> &str {
+        &self.metadata.namespace
+    }
+
+    /// `metadata.name`.
+    pub fn name(&self) -> &str {
+        &self.metadata.name
+    }
+
     /// `namespace/name`, the policy's name in verdicts and statuses.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.metadata.namespace, self.metadata.name)
+        format!("{}/{}", self.namespace(), self.name())
     }
 }
 

@@ -443,6 +443,317 @@ impl Drop for Agent {
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Policy (issue 3): `/debug/policies`, `/debug/policy/check`, `/debug/flows` and their CLI wrappers.
+
+/// `GET /debug/policies` (= `mesh-agent policy status -o json`). Fields the tests do not use are kept in `extra`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// Bumped on every compilation that reached the kernel.
+    #[serde(default)]
+    pub revision: u64,
+    /// Exactly the policies whose compilation has reached the kernel.
+    #[serde(default)]
+    pub policies: Vec<PolicyEntry>,
+    /// Objects the source rejected (bad input).
+    #[serde(default)]
+    pub rejected: Vec<RejectedEntry>,
+    /// Everything else.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl PolicyStatus {
+    /// `namespace/name` of every policy in force.
+    pub fn names(&self) -> std::collections::BTreeSet<String> {
+        self.policies.iter().map(PolicyEntry::key).collect()
+    }
+
+    /// The policy `namespace/name`, if in force.
+    pub fn policy(&self, key: &str) -> Option<&PolicyEntry> {
+        self.policies.iter().find(|p| p.key() == key)
+    }
+}
+
+/// One policy in [`PolicyStatus`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PolicyEntry {
+    /// `metadata.namespace`.
+    #[serde(default)]
+    pub namespace: String,
+    /// `metadata.name`.
+    #[serde(default)]
+    pub name: String,
+    /// `spec.action` as enforced.
+    #[serde(default)]
+    pub action: String,
+    /// `ns/pod` of every workload it selects.
+    #[serde(default)]
+    pub selects: Vec<String>,
+    /// Per rule: how it is enforced.
+    #[serde(default)]
+    pub rules: Vec<RuleEntry>,
+    /// Everything else.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl PolicyEntry {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One rule's status in [`PolicyEntry`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RuleEntry {
+    /// Index in `spec.rules`.
+    #[serde(default)]
+    pub index: usize,
+    /// `kernel-enforced`, `proxy-required` or `rejected`.
+    #[serde(default)]
+    pub status: String,
+    /// Why, when not kernel-enforced.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A rejected object in [`PolicyStatus`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RejectedEntry {
+    /// The file it came from.
+    #[serde(default)]
+    pub file: String,
+    /// The object (kind and `namespace/name`), as far as it could be read.
+    #[serde(default)]
+    pub object: String,
+    /// The error, naming the field.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `GET /debug/policy/check` (= `mesh-agent policy check -o json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PolicyCheck {
+    /// The verdict.
+    pub allowed: bool,
+    /// `allow` or `deny`.
+    #[serde(default)]
+    pub verdict: String,
+    /// The deciding policy `namespace/name`, `None` for the defaults.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The deciding rule's index.
+    #[serde(default)]
+    pub rule: Option<u64>,
+    /// Why, in words.
+    #[serde(default)]
+    pub reason: String,
+    /// Everything else.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// `GET /debug/flows?since=SEQ` (= `mesh-agent flows -o json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Flows {
+    /// The `since` to ask with next time.
+    #[serde(default)]
+    pub next: u64,
+    /// Recent verdicts, oldest first.
+    #[serde(default)]
+    pub flows: Vec<Flow>,
+}
+
+/// One reported verdict in [`Flows`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Flow {
+    /// Sequence number.
+    #[serde(default)]
+    pub seq: u64,
+    /// `egress` (decided at the client's connect) or `ingress` (at the destination's first packet).
+    #[serde(default)]
+    pub direction: String,
+    /// `deny` or `allow`.
+    #[serde(default)]
+    pub verdict: String,
+    /// An AUDIT policy matched.
+    #[serde(default)]
+    pub audit: bool,
+    /// `tcp` or `udp`.
+    #[serde(default)]
+    pub proto: String,
+    /// `ip:port`.
+    #[serde(default)]
+    pub src: String,
+    /// `ip:port`.
+    #[serde(default)]
+    pub dst: String,
+    /// `ns/sa`, `world` or `host`.
+    #[serde(default)]
+    pub src_identity: String,
+    /// `ns/sa`, `world` or `host`.
+    #[serde(default)]
+    pub dst_identity: String,
+    /// The deciding policy `namespace/name`.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The deciding rule.
+    #[serde(default)]
+    pub rule: Option<u64>,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+    /// Everything else.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Percent-encodes a query value (unreserved characters and `/` and `:` stay).
+fn query_escape(v: &str) -> String {
+    let mut out = String::new();
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Agent {
+    /// `GET path` and parse the JSON body (fails on a non-200 status, with the body).
+    pub fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let r = self.get(path)?;
+        if r.status != 200 {
+            bail!("{path}: status {}: {}", r.status, r.body.trim());
+        }
+        serde_json::from_str(&r.body).with_context(|| format!("{path}: parsing {}", r.body))
+    }
+
+    /// `GET /debug/policies`.
+    pub fn policy_status(&self) -> Result<PolicyStatus> {
+        self.get_json("/debug/policies")
+    }
+
+    /// `GET /debug/policy/check?from=..&to=..&port=..&proto=..`: `from` is `ns/sa` or an IP, `to` is `ns/pod`,
+    /// `proto` is `tcp` or `udp`.
+    pub fn policy_check(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        proto: &str,
+    ) -> Result<PolicyCheck> {
+        self.get_json(&format!(
+            "/debug/policy/check?from={}&to={}&port={port}&proto={}",
+            query_escape(from),
+            query_escape(to),
+            query_escape(proto)
+        ))
+    }
+
+    /// `GET /debug/flows?since=SEQ`.
+    pub fn flows(&self, since: u64) -> Result<Flows> {
+        self.get_json(&format!("/debug/flows?since={since}"))
+    }
+
+    /// Polls `/debug/policies` until the set of `namespace/name` in force is exactly `expected` and every
+    /// `rejected` entry mentions one of `rejected_ok` (in its object or file); returns that status. On timeout
+    /// the error shows the last status.
+    pub fn wait_policies(
+        &self,
+        expected: &std::collections::BTreeSet<String>,
+        rejected_ok: &[&str],
+        timeout: Duration,
+    ) -> Result<PolicyStatus> {
+        let mut last = None;
+        let r = eventually(timeout, Duration::from_millis(20), || {
+            let st = self.policy_status().map_err(|e| format!("{e:#}"))?;
+            let names = st.names();
+            let bad: Vec<&RejectedEntry> = st
+                .rejected
+                .iter()
+                .filter(|r| {
+                    !rejected_ok
+                        .iter()
+                        .any(|ok| r.object.contains(ok) || r.file.contains(ok))
+                })
+                .collect();
+            if !bad.is_empty() {
+                return Err(format!("unexpected rejections: {bad:#?}"));
+            }
+            if &names == expected {
+                return Ok(st);
+            }
+            let missing: Vec<_> = expected.difference(&names).collect();
+            let extra: Vec<_> = names.difference(expected).collect();
+            last = Some(st);
+            Err(format!(
+                "policies in force: missing {missing:?}, unexpected {extra:?}"
+            ))
+        });
+        r.map_err(|e| {
+            anyhow!(
+                "{e}; last /debug/policies: {}",
+                last.map(|s| serde_json::to_string_pretty(&s).unwrap_or_default())
+                    .unwrap_or_default()
+            )
+        })
+    }
+
+    /// Runs `mesh-agent <args> --admin-addr <this agent>` (the admin-facing CLI commands) to completion.
+    pub fn cli_admin(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(&self.opts.bin);
+        cmd.args(args)
+            .arg("--admin-addr")
+            .arg(self.opts.admin_addr.to_string())
+            .env("NO_COLOR", "1");
+        let out = crate::util::run_bounded(&mut cmd, Duration::from_secs(30))
+            .with_context(|| format!("mesh-agent {}", args.join(" ")))?;
+        if !out.0.success() {
+            bail!(
+                "`mesh-agent {}` failed ({}): {}{}",
+                args.join(" "),
+                out.0,
+                out.2.trim(),
+                out.1.trim()
+            );
+        }
+        Ok(out.1)
+    }
+
+    /// `mesh-agent policy status -o json`, parsed.
+    pub fn cli_policy_status(&self) -> Result<PolicyStatus> {
+        let text = self.cli_admin(&["policy", "status", "-o", "json"])?;
+        serde_json::from_str(&text).with_context(|| format!("parsing policy status: {text}"))
+    }
+
+    /// `mesh-agent policy check --from .. --to .. --port .. --proto .. -o json`, parsed.
+    pub fn cli_policy_check(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        proto: &str,
+    ) -> Result<PolicyCheck> {
+        let port = port.to_string();
+        let text = self.cli_admin(&[
+            "policy", "check", "--from", from, "--to", to, "--port", &port, "--proto", proto, "-o",
+            "json",
+        ])?;
+        serde_json::from_str(&text).with_context(|| format!("parsing policy check: {text}"))
+    }
+
+    /// `mesh-agent flows -o json`, parsed.
+    pub fn cli_flows(&self) -> Result<Flows> {
+        let text = self.cli_admin(&["flows", "-o", "json"])?;
+        serde_json::from_str(&text).with_context(|| format!("parsing flows: {text}"))
+    }
+}
+
 /// An HTTP response from [`http_get`].
 #[derive(Debug, Clone)]
 pub struct HttpResponse {

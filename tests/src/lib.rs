@@ -16,6 +16,9 @@
 //!   `status`, `dump services` and `uninstall`.
 //! - [`eventually`] is the only way to wait for a condition.
 //! - [`scenario::LbFixture`] is the standard "client + N backends + Service + agent" setup.
+//! - [`policy`] (issue 3): workloads with identities, `AuthorizationPolicy` objects, reference verdicts from
+//!   `mesh_agent::policy::eval`, and probe matrices run from a pod's cgroup ([`Pod::probe`]: the client side
+//!   enforces) or from its netns outside every cgroup ([`Pod::probe_unmanaged`]: only the destination enforces).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -33,6 +36,7 @@
 pub mod agent;
 pub mod guards;
 pub mod manifest;
+pub mod policy;
 pub mod privileged;
 pub mod process;
 pub mod scenario;
@@ -42,8 +46,8 @@ pub mod topology;
 pub mod util;
 
 pub use agent::{
-    Agent, AgentCli, AgentOptions, AgentStatus, DumpedService, Metrics, agent_bin,
-    default_testpod_bin, free_port, http_get,
+    Agent, AgentCli, AgentOptions, AgentStatus, DumpedService, Flow, Flows, Metrics, PolicyCheck,
+    PolicyStatus, agent_bin, default_testpod_bin, free_port, http_get,
 };
 pub use guards::{Bpffs, Cgroup, Netns, Veth, ensure_bpffs_mounted};
 pub use manifest::{EndpointSlice, PodManifest, Service, ServicePort, SourceDir};

@@ -202,6 +202,12 @@ impl PodManifest {
         self
     }
 
+    /// Sets `spec.serviceAccountName` (the pod's identity is `<namespace>/<service account>`).
+    pub fn service_account(mut self, sa: &str) -> PodManifest {
+        self.service_account = sa.into();
+        self
+    }
+
     /// Sets readiness.
     pub fn ready(mut self, ready: bool) -> PodManifest {
         self.ready = ready;
@@ -319,6 +325,20 @@ impl EndpointSlice {
             "ports": ports,
         })
     }
+}
+
+/// The API version of `AuthorizationPolicy` objects.
+pub const AUTHZ_API_VERSION: &str = "security.sinew.dev/v1alpha1";
+
+/// A `security.sinew.dev/v1alpha1 AuthorizationPolicy` object with Istio's `spec`, given as JSON (so a test can
+/// write any shape, also invalid ones): `authorization_policy("ns", "name", json!({"action": "DENY", ...}))`.
+pub fn authorization_policy(namespace: &str, name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": AUTHZ_API_VERSION,
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    })
 }
 
 /// Writes a JSON value as a block-style YAML document.
@@ -446,6 +466,18 @@ status:
         assert_eq!(key("a b"), "\"a b\"");
         assert_eq!(key("sinew.dev/netns"), "sinew.dev/netns");
         assert_eq!(key("1x"), "\"1x\"");
+    }
+
+    #[test]
+    fn policy_yaml_keeps_empty_spec_and_empty_rule() {
+        let v = authorization_policy("default", "deny-all", json!({}));
+        assert!(to_yaml(&v).contains("spec: {}\n"), "{}", to_yaml(&v));
+        let v = authorization_policy("default", "allow-all", json!({"rules": [{}]}));
+        assert!(
+            to_yaml(&v).contains("rules:\n    - {}\n"),
+            "{}",
+            to_yaml(&v)
+        );
     }
 
     #[test]

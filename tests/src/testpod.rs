@@ -26,6 +26,9 @@ pub struct ServeReady {
     pub tcp: bool,
     /// Whether UDP is served.
     pub udp: bool,
+    /// Every port served when started with `--ports` (`port` is then the first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
 }
 
 /// One failed attempt.
@@ -158,6 +161,62 @@ pub struct CrrReport {
     pub p99_us: f64,
     /// Server name -> cycles.
     pub names: BTreeMap<String, u32>,
+}
+
+/// Outcome of one `probe` target: the whole round trip worked.
+pub const PROBE_OK: &str = "ok";
+/// Outcome of one `probe` target: the tool's own per-probe timeout fired (connect, or no UDP reply).
+pub const PROBE_TIMEOUT: &str = "timeout";
+/// Outcome of one `probe` target: `connect()` or `sendto()` failed with `EACCES` (refused by policy in the kernel).
+pub const PROBE_EACCES: &str = "EACCES";
+
+/// One target of `probe`. `outcome` is [`PROBE_OK`], [`PROBE_TIMEOUT`], or the symbolic errno of the failing
+/// `connect()`/`sendto()` (`EACCES`, `ECONNREFUSED`, ...); a failure after the connect (reading the name or the
+/// echo) is `echo:<errno>` or `echo:timeout` / `echo:EOF`, so it can never be mistaken for a connect outcome.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProbeResult {
+    /// The target as given: `tcp:IP:PORT` or `udp:IP:PORT` (`[v6]:PORT` for IPv6).
+    pub target: String,
+    /// See the type's documentation.
+    pub outcome: String,
+    /// From the start of the probe to its outcome, milliseconds.
+    pub elapsed_ms: f64,
+    /// The name the server answered with, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Result of `probe`: every target probed once, concurrently, in the order given.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProbeReport {
+    /// The per-probe timeout used.
+    pub timeout_ms: u64,
+    /// One result per target, in the order given.
+    pub results: Vec<ProbeResult>,
+    /// Wall time of the whole batch, milliseconds.
+    pub duration_ms: f64,
+}
+
+impl ProbeReport {
+    /// The result for `target`, if it was probed.
+    pub fn get(&self, target: &str) -> Option<&ProbeResult> {
+        self.results.iter().find(|r| r.target == target)
+    }
+}
+
+/// Result of `udp-flood`: datagrams fired without waiting for replies.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FloodReport {
+    /// Target as given.
+    pub to: String,
+    /// `sendto()` calls made.
+    pub attempts: u64,
+    /// `sendto()` calls that succeeded.
+    pub sent: u64,
+    /// errno -> failed `sendto()` calls.
+    pub errors: BTreeMap<String, u64>,
+    /// Wall time, milliseconds.
+    pub duration_ms: f64,
 }
 
 /// Percentile `q` (0..=1) of sorted samples (nearest rank); 0 for no samples.

@@ -33,7 +33,9 @@ use serde::de::DeserializeOwned;
 use crate::guards::{Bpffs, Cgroup, Netns, Veth};
 use crate::manifest::SourceDir;
 use crate::process::{Proc, ProcOutput};
-use crate::testpod::{ConnectReport, CrrReport, RrReport, ServeReady, UdpReport};
+use crate::testpod::{
+    ConnectReport, CrrReport, FloodReport, ProbeReport, RrReport, ServeReady, UdpReport,
+};
 use crate::util::unique_id;
 
 /// How long links may take to become operationally up (the kernel batches these updates about once a second).
@@ -50,9 +52,18 @@ pub struct TopologyBuilder {
     testpod: Option<PathBuf>,
     ipv6: bool,
     nodes: Vec<(String, Vec<String>)>,
+    namespaces: std::collections::BTreeMap<String, String>,
 }
 
 impl TopologyBuilder {
+    /// Puts pod `pod` in Kubernetes namespace `namespace` (its [`Pod::namespace`]; default
+    /// [`DEFAULT_NAMESPACE`]).
+    pub fn pod_namespace(mut self, pod: &str, namespace: &str) -> Self {
+        self.namespaces
+            .insert(pod.to_string(), namespace.to_string());
+        self
+    }
+
     /// Adds a node with the given pods (pod names are unique across the whole topology).
     pub fn node(mut self, name: &str, pods: &[&str]) -> Self {
         self.nodes.push((
@@ -129,7 +140,11 @@ impl TopologyBuilder {
         }
         for (name, pods) in &self.nodes {
             for p in pods {
-                topo.create_pod(name, p)?;
+                let ns = self
+                    .namespaces
+                    .get(p)
+                    .map_or(DEFAULT_NAMESPACE, String::as_str);
+                topo.create_pod(name, p, ns)?;
             }
         }
         // Wait once for all links instead of once per pod: the kernel marks them up in batches.
@@ -173,6 +188,7 @@ impl Topology {
             testpod: None,
             ipv6: false,
             nodes: Vec::new(),
+            namespaces: Default::default(),
         }
     }
 
@@ -220,7 +236,12 @@ impl Topology {
 
     /// Creates a pod on `node` and returns its handle once its links are up.
     pub fn add_pod(&self, node: &str, name: &str) -> Result<Pod> {
-        let pod = self.create_pod(node, name)?;
+        self.add_pod_in(node, name, DEFAULT_NAMESPACE)
+    }
+
+    /// Like [`Topology::add_pod`], in Kubernetes namespace `namespace`.
+    pub fn add_pod_in(&self, node: &str, name: &str, namespace: &str) -> Result<Pod> {
+        let pod = self.create_pod(node, name, namespace)?;
         self.wait_links_up()?;
         Ok(pod)
     }
@@ -239,7 +260,7 @@ impl Topology {
         Ok(())
     }
 
-    fn create_pod(&self, node: &str, name: &str) -> Result<Pod> {
+    fn create_pod(&self, node: &str, name: &str, namespace: &str) -> Result<Pod> {
         check_name(name)?;
         if self
             .nodes
@@ -249,7 +270,7 @@ impl Topology {
             bail!("pod name {name:?} already used");
         }
         self.node(node)
-            .add_pod(name)
+            .add_pod(name, namespace)
             .with_context(|| format!("creating pod {name} on {node}"))
     }
 
@@ -352,6 +373,9 @@ pub struct Node {
     // Taken apart in a fixed order in Drop; `Option` only so that Drop can move them out.
     bpffs: Option<Bpffs>,
     cgroup: Option<Cgroup>,
+    /// A sibling of the node's cgroup root (`<id>-<node>-out`), NOT below it: processes there are in a pod's
+    /// netns but outside every program the agent attaches ([`Pod::command_unmanaged`]).
+    outside: Option<Cgroup>,
     netns: Option<Netns>,
 }
 
@@ -367,6 +391,7 @@ impl Node {
     ) -> Result<Node> {
         let netns = Netns::new(&format!("{id}-{name}"))?;
         let cgroup = Cgroup::new(&format!("{id}-{name}"))?;
+        let outside = Cgroup::new(&format!("{id}-{name}-out"))?;
         let bpffs = Bpffs::new(&format!("{id}-{name}"), Some(cgroup.path()))?;
         let node = Node {
             id: id.to_string(),
@@ -380,6 +405,7 @@ impl Node {
             pods: Mutex::new(NodePods::default()),
             bpffs: Some(bpffs),
             cgroup: Some(cgroup),
+            outside: Some(outside),
             netns: Some(netns),
         };
         std::fs::create_dir_all(&node.work_dir)?;
@@ -416,7 +442,7 @@ impl Node {
         Ok(node)
     }
 
-    fn add_pod(&self, name: &str) -> Result<Pod> {
+    fn add_pod(&self, name: &str, namespace: &str) -> Result<Pod> {
         let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         let k = pods.pods.len();
         if k >= 240 {
@@ -472,15 +498,21 @@ impl Node {
             ])?;
         }
         let cgroup = self.cgroup().child(&format!("pod-{name}"))?;
+        let outside_cgroup = self
+            .outside
+            .as_ref()
+            .expect("node alive")
+            .child(&format!("pod-{name}"))?;
         let pod = Pod {
             name: name.to_string(),
-            namespace: DEFAULT_NAMESPACE.to_string(),
+            namespace: namespace.to_string(),
             node: self.name.clone(),
             ip4,
             ip6,
             host_ip: self.host_ip(),
             netns_name: ns.name().to_string(),
             cgroup,
+            outside_cgroup,
             testpod: self.testpod.clone(),
             log_dir: self.work_dir.join("pods"),
         };
@@ -597,7 +629,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         // 1. No process may outlive the test, and none may hold a pod netns open.
-        if let Some(cg) = &self.cgroup {
+        for cg in [&self.cgroup, &self.outside].into_iter().flatten() {
             if let Err(e) = cg.kill_all() {
                 eprintln!("sinew-tests: cleanup: {e:#}");
             }
@@ -606,6 +638,7 @@ impl Drop for Node {
         self.bpffs = None;
         // 3. Cgroups, then pods (veth + netns), then the node namespace.
         self.cgroup = None;
+        self.outside = None;
         self.pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -643,6 +676,7 @@ pub struct Pod {
     pub host_ip: Ipv4Addr,
     netns_name: String,
     cgroup: PathBuf,
+    outside_cgroup: PathBuf,
     testpod: PathBuf,
     log_dir: PathBuf,
 }
@@ -678,13 +712,46 @@ impl Pod {
         Ok(cmd)
     }
 
+    /// A command that runs `program` in the pod's network namespace but OUTSIDE its node's cgroup root (in a
+    /// sibling cgroup the harness owns and cleans up). The agent's programs do not see its sockets: its `connect()`
+    /// is not checked, so what it meets is the destination side's enforcement only. Its address is still the
+    /// pod's, so a destination judges it by the pod's identity.
+    pub fn command_unmanaged(&self, program: impl AsRef<OsStr>) -> Result<Command> {
+        let mut cmd = Command::new(program);
+        crate::sys::enter_pod(
+            &mut cmd,
+            &self.outside_cgroup.join("cgroup.procs"),
+            &self.netns_path(),
+        )?;
+        Ok(cmd)
+    }
+
+    /// The cgroup [`Pod::command_unmanaged`] puts processes in (not below the node's cgroup root).
+    pub fn unmanaged_cgroup_dir(&self) -> &Path {
+        &self.outside_cgroup
+    }
+
     /// Spawns `program args` in the pod as a guarded process.
     pub fn spawn(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Result<Proc> {
-        let mut cmd = self.command(program)?;
+        self.spawn_in(program, args, true)
+    }
+
+    /// Spawns `program args` in the pod's netns outside its cgroup ([`Pod::command_unmanaged`]).
+    pub fn spawn_unmanaged(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Result<Proc> {
+        self.spawn_in(program, args, false)
+    }
+
+    fn spawn_in(&self, program: impl AsRef<OsStr>, args: &[&str], managed: bool) -> Result<Proc> {
+        let mut cmd = if managed {
+            self.command(program)?
+        } else {
+            self.command_unmanaged(program)?
+        };
         cmd.args(args);
         let label = format!(
-            "{}-{}-{}",
+            "{}{}-{}-{}",
             self.name,
+            if managed { "" } else { "-unmanaged" },
             args.first().copied().unwrap_or("proc"),
             PROC_SEQ.fetch_add(1, Ordering::Relaxed)
         );
@@ -701,6 +768,111 @@ impl Pod {
         let out: ProcOutput = self.testpod(args)?.wait(timeout)?;
         out.json()
             .with_context(|| format!("pod {}: sinew-testpod {}", self.name, args.join(" ")))
+    }
+
+    /// [`Pod::run_json`] in the pod's netns but outside its cgroup ([`Pod::command_unmanaged`]).
+    pub fn run_json_unmanaged<T: DeserializeOwned>(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<T> {
+        let out: ProcOutput = self.spawn_unmanaged(&self.testpod, args)?.wait(timeout)?;
+        out.json().with_context(|| {
+            format!(
+                "pod {} (unmanaged): sinew-testpod {}",
+                self.name,
+                args.join(" ")
+            )
+        })
+    }
+
+    /// Starts `sinew-testpod serve --ports <ports> --name <name>` (TCP and UDP on each port) and waits until it
+    /// listens on all of them.
+    pub fn serve_ports(&self, ports: &[u16], name: &str) -> Result<Proc> {
+        let list = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut p = self.testpod(&["serve", "--ports", &list, "--name", name])?;
+        let line = p
+            .wait_for_line(Duration::from_secs(5), |l| l.contains("\"listening\""))
+            .with_context(|| format!("pod {}: server did not start", self.name))?;
+        let ready: ServeReady = serde_json::from_str(&line).map_err(|e| anyhow!("{line}: {e}"))?;
+        if ready.ports != ports {
+            bail!(
+                "server reports ports {:?} instead of {ports:?}",
+                ready.ports
+            );
+        }
+        Ok(p)
+    }
+
+    /// Probes every target once, concurrently (`sinew-testpod probe`): `targets` are `tcp:IP:PORT` /
+    /// `udp:IP:PORT`, each bounded by `timeout_ms`. Runs in the pod (under its cgroup: the client-side path).
+    pub fn probe(&self, targets: &[String], timeout_ms: u64) -> Result<ProbeReport> {
+        self.probe_in(targets, timeout_ms, true)
+    }
+
+    /// [`Pod::probe`] from the pod's netns but outside its cgroup: only the destination side enforces.
+    pub fn probe_unmanaged(&self, targets: &[String], timeout_ms: u64) -> Result<ProbeReport> {
+        self.probe_in(targets, timeout_ms, false)
+    }
+
+    fn probe_in(&self, targets: &[String], timeout_ms: u64, managed: bool) -> Result<ProbeReport> {
+        let list = targets.join(",");
+        let t = timeout_ms.to_string();
+        let args = [
+            "probe",
+            "--targets",
+            list.as_str(),
+            "--timeout-ms",
+            t.as_str(),
+        ];
+        // Waves of 128 concurrent probes, each at most the timeout, plus process start-up.
+        let waves = targets.len().div_ceil(128).max(1) as u64;
+        let bound = Duration::from_millis(waves * (timeout_ms + 500) + 10_000);
+        let r: ProbeReport = if managed {
+            self.run_json(&args, bound)?
+        } else {
+            self.run_json_unmanaged(&args, bound)?
+        };
+        if r.results.len() != targets.len() {
+            bail!(
+                "probe returned {} results for {} targets",
+                r.results.len(),
+                targets.len()
+            );
+        }
+        Ok(r)
+    }
+
+    /// Fires up to `count` UDP datagrams at `to` for at most `duration_ms`, without waiting for replies
+    /// (`sinew-testpod udp-flood`). `managed`: from the pod's cgroup (else outside it).
+    pub fn udp_flood(
+        &self,
+        to: &str,
+        count: u64,
+        duration_ms: u64,
+        managed: bool,
+    ) -> Result<FloodReport> {
+        let c = count.to_string();
+        let d = duration_ms.to_string();
+        let args = [
+            "udp-flood",
+            "--to",
+            to,
+            "--count",
+            c.as_str(),
+            "--duration-ms",
+            d.as_str(),
+        ];
+        let bound = Duration::from_millis(duration_ms + 10_000);
+        if managed {
+            self.run_json(&args, bound)
+        } else {
+            self.run_json_unmanaged(&args, bound)
+        }
     }
 
     /// Starts `sinew-testpod serve --port <port> --name <name>` (TCP and UDP) and waits until it listens.

@@ -5,7 +5,7 @@
 //! the report. Exit status 2 means bad arguments. Every loop is bounded both in iterations and in time.
 //!
 //! ```text
-//! sinew-testpod serve       --port P --name NAME [--tcp-only|--udp-only] [--lifetime-ms L]
+//! sinew-testpod serve       (--port P | --ports P1,P2,..) --name NAME [--tcp-only|--udp-only] [--lifetime-ms L]
 //! sinew-testpod tcp-echo    --port P --name NAME            (serve, TCP only)
 //! sinew-testpod udp-echo    --port P --name NAME            (serve, UDP only)
 //! sinew-testpod echo-server --port P [--name NAME]          (serve; name defaults to "echo")
@@ -14,7 +14,13 @@
 //! sinew-testpod udp-connected --to ADDR --count N [--interval-ms M] [--timeout-ms T]
 //! sinew-testpod rr          --to ADDR [--size S] [--duration-ms D] [--max-requests N] [--timeout-ms T]
 //! sinew-testpod crr         --to ADDR [--size S] [--duration-ms D] [--max N] [--timeout-ms T]
+//! sinew-testpod probe       --targets PROTO:ADDR,PROTO:ADDR,.. [--timeout-ms T]      (PROTO: tcp | udp)
+//! sinew-testpod udp-flood   --to ADDR --count N [--duration-ms D]
 //! ```
+//! `probe` tries every target once, concurrently, each bounded by `--timeout-ms` (default 400): TCP connects,
+//! reads the name line and has 4 bytes echoed; UDP sends one datagram from a fresh unconnected socket (`sendto`)
+//! and waits for the reply. It prints one [`ProbeReport`] line; see `ProbeResult` for the outcome words.
+//! `udp-flood` fires datagrams from one unconnected socket without waiting for replies (at most N, at most D ms).
 //! `--progress-every K` prints `{"event":"progress","attempts":n,"ok":k,"failed":f}` after every K attempts, so a
 //! caller can tell that a long run is under way; the result is still the last line.
 //!
@@ -29,7 +35,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sinew_tests::testpod::{
-    ConnectReport, CrrReport, Failure, RrReport, ServeReady, UdpReport, errno_name, percentile,
+    ConnectReport, CrrReport, Failure, FloodReport, PROBE_OK, PROBE_TIMEOUT, ProbeReport,
+    ProbeResult, RrReport, ServeReady, UdpReport, errno_name, percentile,
 };
 
 /// Hard caps, whatever the arguments say.
@@ -58,6 +65,8 @@ fn main() {
         "udp-connected" => print(&udp_send(&opts, true)),
         "rr" => print(&rr(&opts)),
         "crr" => print(&crr(&opts)),
+        "probe" => print(&probe(&opts)),
+        "udp-flood" => print(&udp_flood(&opts)),
         other => usage(&format!("unknown subcommand {other:?}")),
     };
     if let Err(e) = result {
@@ -170,7 +179,24 @@ fn addr_key(a: &SocketAddr) -> String {
 // Servers
 
 fn serve(opts: &Opts, tcp: bool, udp: bool, default_name: Option<&str>) -> io::Result<()> {
-    let port = u16::try_from(opts.num("port", 0)).unwrap_or_else(|_| usage("--port out of range"));
+    let ports: Vec<u16> = match opts.str("ports") {
+        Some(list) => list
+            .split(',')
+            .map(|p| {
+                p.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .unwrap_or_else(|| usage(&format!("--ports: not a port: {p:?}")))
+            })
+            .collect(),
+        None => vec![
+            u16::try_from(opts.num("port", 0)).unwrap_or_else(|_| usage("--port out of range")),
+        ],
+    };
+    if ports.is_empty() || ports.len() > 64 {
+        usage("--ports: 1 to 64 ports");
+    }
     let name = opts
         .str("name")
         .or(default_name)
@@ -182,6 +208,50 @@ fn serve(opts: &Opts, tcp: bool, udp: bool, default_name: Option<&str>) -> io::R
         std::thread::sleep(lifetime);
         std::process::exit(0);
     });
+    let mut bound = Vec::new();
+    let mut sockets = Vec::new();
+    for &port in &ports {
+        let (listener, udp_sock, p) = bind_port(port, tcp, udp)?;
+        bound.push(p);
+        sockets.push((listener, udp_sock));
+    }
+    print(&ServeReady {
+        event: "listening".into(),
+        port: bound[0],
+        name: name.clone(),
+        tcp,
+        udp,
+        ports: if opts.str("ports").is_some() {
+            bound
+        } else {
+            Vec::new()
+        },
+    })?;
+
+    let mut handles = Vec::new();
+    for (listener, udp_sock) in sockets {
+        if let Some(sock) = udp_sock {
+            let name = name.clone();
+            handles.push(std::thread::spawn(move || serve_udp(sock, &name)));
+        }
+        if let Some(l) = listener {
+            let name = name.clone();
+            handles.push(std::thread::spawn(move || serve_tcp(l, name)));
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// Binds the TCP listener and/or UDP socket of one port (0: an ephemeral one, the same for both); returns them
+/// with the bound port.
+fn bind_port(
+    port: u16,
+    tcp: bool,
+    udp: bool,
+) -> io::Result<(Option<TcpListener>, Option<UdpSocket>, u16)> {
     // Dual-stack wildcard sockets serve IPv4, v4-mapped and IPv6 clients alike; fall back to IPv4-only where IPv6
     // is disabled.
     let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
@@ -208,26 +278,7 @@ fn serve(opts: &Opts, tcp: bool, udp: bool, default_name: Option<&str>) -> io::R
         (None, Some(u)) => u.local_addr()?.port(),
         (None, None) => usage("nothing to serve"),
     };
-    print(&ServeReady {
-        event: "listening".into(),
-        port: bound_port,
-        name: name.clone(),
-        tcp,
-        udp,
-    })?;
-
-    let mut handles = Vec::new();
-    if let Some(sock) = udp_sock {
-        let name = name.clone();
-        handles.push(std::thread::spawn(move || serve_udp(sock, &name)));
-    }
-    if let Some(l) = listener {
-        handles.push(std::thread::spawn(move || serve_tcp(l, name)));
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    Ok(())
+    Ok((listener, udp_sock, bound_port))
 }
 
 fn serve_udp(sock: UdpSocket, name: &str) {
@@ -615,5 +666,188 @@ fn crr(opts: &Opts) -> CrrReport {
     r.p90_us = percentile(&samples, 0.9);
     r.p99_us = percentile(&samples, 0.99);
     r.names = names;
+    r
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Batch probes
+
+/// Most targets one `probe` accepts (each gets a thread for at most the per-probe timeout).
+const MAX_PROBE_TARGETS: usize = 1024;
+/// Probes run at the same time; more targets run in waves.
+const PROBE_WAVE: usize = 128;
+
+fn probe(opts: &Opts) -> ProbeReport {
+    let timeout = opts
+        .ms("timeout-ms", 400)
+        .clamp(Duration::from_millis(1), Duration::from_secs(30));
+    let list = opts
+        .str("targets")
+        .unwrap_or_else(|| usage("--targets PROTO:ADDR,.. is required"));
+    let targets: Vec<(String, bool, SocketAddr)> = list
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let (proto, addr) = t
+                .split_once(':')
+                .unwrap_or_else(|| usage(&format!("--targets: {t:?} is not PROTO:ADDR")));
+            let tcp = match proto {
+                "tcp" => true,
+                "udp" => false,
+                _ => usage(&format!("--targets: {t:?}: PROTO is tcp or udp")),
+            };
+            let addr: SocketAddr = addr
+                .parse()
+                .unwrap_or_else(|_| usage(&format!("--targets: {t:?}: not ip:port")));
+            (t.to_string(), tcp, addr)
+        })
+        .collect();
+    if targets.is_empty() || targets.len() > MAX_PROBE_TARGETS {
+        usage(&format!("--targets: 1 to {MAX_PROBE_TARGETS} targets"));
+    }
+    let start = Instant::now();
+    let mut results = Vec::with_capacity(targets.len());
+    for wave in targets.chunks(PROBE_WAVE) {
+        let handles: Vec<_> = wave
+            .iter()
+            .cloned()
+            .map(|(target, tcp, addr)| {
+                std::thread::spawn(move || {
+                    let t0 = Instant::now();
+                    let (outcome, name) = if tcp {
+                        probe_tcp(addr, timeout)
+                    } else {
+                        probe_udp(addr, timeout)
+                    };
+                    ProbeResult {
+                        target,
+                        outcome,
+                        elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                        name,
+                    }
+                })
+            })
+            .collect();
+        for (h, (target, _, _)) in handles.into_iter().zip(wave) {
+            results.push(h.join().unwrap_or_else(|_| ProbeResult {
+                target: target.clone(),
+                outcome: "panic".into(),
+                ..Default::default()
+            }));
+        }
+    }
+    ProbeReport {
+        timeout_ms: timeout.as_millis() as u64,
+        results,
+        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+    }
+}
+
+/// The outcome word of a failed step: the errno name, `timeout` for the tool's own timeouts.
+fn outcome_of(e: &io::Error) -> String {
+    match err_key(e).as_str() {
+        "TIMEOUT" | "EAGAIN" => PROBE_TIMEOUT.to_string(),
+        k => k.to_string(),
+    }
+}
+
+fn probe_tcp(to: SocketAddr, timeout: Duration) -> (String, Option<String>) {
+    let deadline = Instant::now() + timeout;
+    let mut s = match TcpStream::connect_timeout(&to, timeout) {
+        Ok(s) => s,
+        Err(e) => return (outcome_of(&e), None),
+    };
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let name = match read_name(&mut s, left()) {
+        Ok(n) => n,
+        Err(e) => return (format!("echo:{}", outcome_of(&e)), None),
+    };
+    let echoed = s
+        .set_write_timeout(Some(left()))
+        .and_then(|_| s.write_all(b"ping"))
+        .and_then(|_| s.set_read_timeout(Some(left())))
+        .and_then(|_| {
+            let mut back = [0u8; 4];
+            s.read_exact(&mut back)?;
+            if &back == b"ping" {
+                Ok(())
+            } else {
+                Err(io::Error::new(io::ErrorKind::InvalidData, "echo differs"))
+            }
+        });
+    match echoed {
+        Ok(()) => (PROBE_OK.to_string(), Some(name)),
+        Err(e) => (format!("echo:{}", outcome_of(&e)), Some(name)),
+    }
+}
+
+fn probe_udp(to: SocketAddr, timeout: Duration) -> (String, Option<String>) {
+    let deadline = Instant::now() + timeout;
+    let s = match udp_socket_for(&to) {
+        Ok(s) => s,
+        Err(e) => return (format!("socket:{}", outcome_of(&e)), None),
+    };
+    if let Err(e) = s.send_to(b"probe", to) {
+        return (outcome_of(&e), None);
+    }
+    let mut buf = [0u8; 2048];
+    // Only a reply from the target counts; 16 reads bound the loop (each waits at most the time left).
+    for _ in 0..16 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if let Err(e) = s.set_read_timeout(Some(left)) {
+            return (format!("recv:{}", outcome_of(&e)), None);
+        }
+        match s.recv_from(&mut buf) {
+            Ok((n, from)) if from == to => {
+                return (
+                    PROBE_OK.to_string(),
+                    Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                );
+            }
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let o = outcome_of(&e);
+                // An ICMP error (port unreachable) shows up here as ECONNREFUSED.
+                return (o, None);
+            }
+        }
+    }
+    (PROBE_TIMEOUT.to_string(), None)
+}
+
+fn udp_flood(opts: &Opts) -> FloodReport {
+    let to = opts.to();
+    let count = opts.count("count", 1000);
+    let duration = opts.ms("duration-ms", 5000);
+    let mut r = FloodReport {
+        to: to.to_string(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let sock = match udp_socket_for(&to) {
+        Ok(s) => s,
+        Err(e) => {
+            *r.errors
+                .entry(format!("socket:{}", err_key(&e)))
+                .or_default() += 1;
+            return r;
+        }
+    };
+    while r.attempts < count && start.elapsed() < duration {
+        r.attempts += 1;
+        match sock.send_to(b"flood", to) {
+            Ok(_) => r.sent += 1,
+            Err(e) => *r.errors.entry(err_key(&e)).or_default() += 1,
+        }
+    }
+    r.duration_ms = start.elapsed().as_secs_f64() * 1000.0;
     r
 }

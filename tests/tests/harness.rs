@@ -21,6 +21,7 @@ fn object_paths(topo: &Topology) -> Vec<PathBuf> {
         for p in n.pods() {
             v.push(p.netns_path());
             v.push(p.cgroup_dir().to_path_buf());
+            v.push(p.unmanaged_cgroup_dir().to_path_buf());
         }
     }
     v
@@ -167,4 +168,102 @@ fn two_nodes_route_pod_traffic_over_the_underlay() {
         .tcp_connect(&format!("[{}]:8080", b1.ip6.unwrap()), 5, 0, 2000)
         .expect("v6");
     assert_eq!((r.ok, r.failed), (5, 0), "{r:#?}");
+}
+
+#[test]
+fn probe_reports_each_outcome_and_unmanaged_processes_stay_outside_the_node_cgroup() {
+    if !require_privileged(
+        "probe_reports_each_outcome_and_unmanaged_processes_stay_outside_the_node_cgroup",
+    ) {
+        return;
+    }
+    use sinew_tests::policy::Proto;
+    let topo = Topology::builder("harness-probe")
+        .testpod_bin(testpod_bin!())
+        .node("node-a", &["client", "server"])
+        .build()
+        .expect("topology");
+    let server = topo.pod("server");
+    let client = topo.pod("client");
+    let _srv = server
+        .serve_ports(&[8080, 8081, 8082], "server")
+        .expect("server");
+    let ip = std::net::IpAddr::V4(server.ip4);
+    let mut targets: Vec<String> = [8080, 8081, 8082]
+        .iter()
+        .flat_map(|&p| Proto::BOTH.map(|pr| pr.target(ip, p)))
+        .collect();
+    // Nothing listens on 9000 (TCP: refused); 10.244.0.250 does not exist (ARP fails: a timeout).
+    targets.push(Proto::Tcp.target(ip, 9000));
+    targets.push("tcp:10.244.0.250:8080".to_string());
+    targets.push("udp:10.244.0.250:8080".to_string());
+    for (managed, r) in [
+        (true, client.probe(&targets, 400).expect("probe")),
+        (false, client.probe_unmanaged(&targets, 400).expect("probe")),
+    ] {
+        let outcomes: Vec<&str> = r.results.iter().map(|x| x.outcome.as_str()).collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ECONNREFUSED",
+                "timeout",
+                "timeout"
+            ],
+            "managed={managed}: {r:#?}"
+        );
+        assert!(
+            r.results[..6]
+                .iter()
+                .all(|x| x.name.as_deref() == Some("server")),
+            "{r:#?}"
+        );
+        assert!(
+            r.duration_ms < 2000.0,
+            "probes run concurrently: {} ms",
+            r.duration_ms
+        );
+    }
+
+    // An unmanaged process is in the pod's netns but in the harness's sibling cgroup, not below the node root.
+    let mut p = client
+        .spawn_unmanaged(
+            topo.testpod_bin(),
+            &["serve", "--port", "7000", "--name", "x"],
+        )
+        .expect("spawn");
+    p.wait_for_line(std::time::Duration::from_secs(5), |l| {
+        l.contains("listening")
+    })
+    .expect("listening");
+    let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid())).expect("read cgroup");
+    let node_root = topo.node("node-a").cgroup_root();
+    let rel = client
+        .unmanaged_cgroup_dir()
+        .strip_prefix("/sys/fs/cgroup/unified")
+        .expect("under cgroup2 root");
+    assert!(
+        cg.lines().any(|l| l == format!("0::/{}", rel.display())),
+        "not in {}: {cg}",
+        rel.display()
+    );
+    assert!(
+        !client.unmanaged_cgroup_dir().starts_with(node_root),
+        "unmanaged cgroup is below the node root"
+    );
+    let ns_of_proc = std::fs::metadata(format!("/proc/{}/ns/net", p.pid()))
+        .expect("stat ns")
+        .ino();
+    let ns_of_pod = std::fs::metadata(client.netns_path())
+        .expect("stat netns")
+        .ino();
+    assert_eq!(
+        ns_of_proc, ns_of_pod,
+        "unmanaged process not in the pod netns"
+    );
 }

@@ -1,4 +1,5 @@
-//! The admin listener (default 127.0.0.1:15020): `/healthz`, `/readyz`, `/metrics` and `/debug/services`.
+//! The admin listener (default 127.0.0.1:15020): `/healthz`, `/readyz`, `/metrics`, `/debug/services`,
+//! `/debug/policies`, `/debug/policy/check` and `/debug/flows`.
 
 use std::{
     convert::Infallible,
@@ -18,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-use crate::{datapath::Datapath, ebpf::inspect, metrics::Metrics};
+use crate::{datapath::Datapath, ebpf::inspect, metrics::Metrics, policy::live::PolicyPlane};
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -26,6 +27,7 @@ pub struct AdminState {
     pub ready: AtomicBool,
     pub metrics: Metrics,
     pub datapath: Arc<Mutex<Datapath>>,
+    pub policy: Arc<Mutex<PolicyPlane>>,
 }
 
 /// Binds the listener now (so a port clash fails start-up clearly) and serves it in the background.
@@ -65,6 +67,50 @@ fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
         .expect("static response parts are valid")
 }
 
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_string_pretty(value).unwrap_or_default();
+    text(status, "application/json", body)
+}
+
+/// The query string's `key=value` pairs, percent-decoded (`%2F` and `+` included).
+fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    let decode = |s: &str| -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < bytes.len() => {
+                    match u8::from_str_radix(
+                        std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                        16,
+                    ) {
+                        Ok(b) => {
+                            out.push(b);
+                            i += 2;
+                        }
+                        Err(_) => out.push(b'%'),
+                    }
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET {
@@ -96,10 +142,57 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
             text(StatusCode::OK, "application/json", body)
         }
+        "/debug/policies" => {
+            let status = state
+                .policy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .status();
+            json(StatusCode::OK, &status)
+        }
+        "/debug/policy/check" => {
+            let q = query(req);
+            let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+            let port = get("port").map(str::parse::<u16>);
+            let result = match (get("from"), get("to"), port, get("proto").unwrap_or("tcp")) {
+                (Some(from), Some(to), Some(Ok(port)), proto @ ("tcp" | "udp")) if port != 0 => {
+                    state
+                        .policy
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .check(from, to, port, proto == "udp")
+                }
+                _ => Err(
+                    "expected ?from=<ns/sa or ip>&to=<ns/pod>&port=<1-65535>[&proto=tcp|udp]"
+                        .into(),
+                ),
+            };
+            match result {
+                Ok(r) => json(StatusCode::OK, &r),
+                Err(e) => json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e })),
+            }
+        }
+        "/debug/flows" => {
+            let q = query(req);
+            let since = q
+                .iter()
+                .find(|(n, _)| n == "since")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            let (flows, next) = state
+                .policy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .flows_since(since);
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "next": next, "flows": flows }),
+            )
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "not found; try /healthz /readyz /metrics /debug/services\n",
+            "not found; try /healthz /readyz /metrics /debug/services /debug/policies /debug/policy/check /debug/flows\n",
         ),
     }
 }

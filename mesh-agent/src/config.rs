@@ -20,6 +20,12 @@ pub struct Config {
     pub bpffs_root: PathBuf,
     pub admin_addr: SocketAddr,
     pub log_format: LogFormat,
+    /// A policy in this namespace applies to every namespace.
+    pub mesh_root_namespace: String,
+    /// SPIFFE trust domain of workload identities.
+    pub trust_domain: String,
+    /// Denial events each CPU may report per second; the rest are counted as dropped.
+    pub policy_events_per_sec: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -32,6 +38,8 @@ pub enum LogFormat {
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/sinew";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15020";
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_POLICY_EVENTS_PER_SEC: u32 = 200;
 
 /// Flags of `mesh-agent run`. Every one is optional here so that the config file can supply it.
 #[derive(Args, Debug, Default, Clone)]
@@ -57,6 +65,15 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Namespace whose AuthorizationPolicies apply mesh-wide (default sinew-system).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub mesh_root_namespace: Option<String>,
+    /// SPIFFE trust domain (default cluster.local).
+    #[arg(long, value_name = "DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Policy denial events each CPU may report per second; more are counted, not reported (default 200).
+    #[arg(long, value_name = "N")]
+    pub policy_events_per_sec: Option<u32>,
 }
 
 /// The config file: the same keys as the flags. Unknown keys are errors, so a typo never goes unnoticed.
@@ -69,6 +86,9 @@ struct FileConfig {
     bpffs_root: Option<PathBuf>,
     admin_addr: Option<String>,
     log_format: Option<LogFormat>,
+    mesh_root_namespace: Option<String>,
+    trust_domain: Option<String>,
+    policy_events_per_sec: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +170,55 @@ impl RunArgs {
                 ));
             }
         }
+        let mesh_root_namespace = self
+            .mesh_root_namespace
+            .clone()
+            .or(file.mesh_root_namespace)
+            .unwrap_or_else(|| crate::policy::DEFAULT_ROOT_NAMESPACE.into());
+        let ns_ok = !mesh_root_namespace.is_empty()
+            && mesh_root_namespace.len() <= 63
+            && mesh_root_namespace
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !mesh_root_namespace.starts_with('-')
+            && !mesh_root_namespace.ends_with('-');
+        if !ns_ok {
+            return Err(invalid(
+                "mesh-root-namespace",
+                format!("{mesh_root_namespace:?} is not a namespace name"),
+            ));
+        }
+        let trust_domain = self
+            .trust_domain
+            .clone()
+            .or(file.trust_domain)
+            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into());
+        let td_ok = !trust_domain.is_empty()
+            && trust_domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-_".contains(&b));
+        if !td_ok {
+            return Err(invalid(
+                "trust-domain",
+                format!(
+                    "{trust_domain:?} is not a trust domain (lowercase letters, digits, '.', '-', '_')"
+                ),
+            ));
+        }
+        let policy_events_per_sec = self
+            .policy_events_per_sec
+            .or(file.policy_events_per_sec)
+            .unwrap_or(DEFAULT_POLICY_EVENTS_PER_SEC);
+        if policy_events_per_sec > 1_000_000 {
+            return Err(invalid(
+                "policy-events-per-sec",
+                format!("{policy_events_per_sec} is more than 1000000"),
+            ));
+        }
         Ok(Config {
+            mesh_root_namespace,
+            trust_domain,
+            policy_events_per_sec,
             node,
             source_dir,
             cgroup_root,

@@ -6,9 +6,11 @@
 //! pinned maps (`ebpf::reconcile`).
 
 pub mod admin;
+pub mod client;
 pub mod config;
 pub mod datapath;
 pub mod ebpf;
+pub mod events;
 pub mod k8s;
 pub mod metrics;
 pub mod policy;

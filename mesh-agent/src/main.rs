@@ -4,7 +4,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod render;
+
 use mesh_agent::{
+    client,
     config::{self, DEFAULT_BPFFS_ROOT, DEFAULT_CGROUP_ROOT, LogFormat},
     ebpf::{self, Layout},
     run,
@@ -44,11 +47,63 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// AuthorizationPolicy: how each rule is enforced, and why a connection is allowed or denied.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Recent policy verdicts the kernel reported (denials and AUDIT matches), explained.
+    Flows {
+        /// Keep printing new verdicts as they arrive (until Ctrl-C).
+        #[arg(short, long)]
+        follow: bool,
+        /// The agent's admin address.
+        #[arg(long, value_name = "ADDR", default_value = config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Detach every program and remove every pin.
     Uninstall {
         #[command(flatten)]
         roots: Roots,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Every policy in force, the workloads it selects, and each rule's enforcement: kernel-enforced,
+    /// proxy-required or rejected, with the reason. Also the rejected policies.
+    Status {
+        #[arg(long, value_name = "ADDR", default_value = config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The verdict for one connection, and the policy and rule that decide it, from the agent's live state.
+    Check {
+        /// The source: `<namespace>/<serviceaccount>` or an IP address.
+        #[arg(long)]
+        from: String,
+        /// The destination pod: `<namespace>/<pod>`.
+        #[arg(long)]
+        to: String,
+        /// The destination (target) port.
+        #[arg(long)]
+        port: u16,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: Proto,
+        #[arg(long, value_name = "ADDR", default_value = config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
 }
 
 #[derive(Args, Clone)]
@@ -95,6 +150,48 @@ fn print<T: serde::Serialize>(output: Output, value: &T, text: impl FnOnce(&T) -
     }
 }
 
+/// Prints an admin endpoint's JSON as is, or rendered as text.
+fn show(
+    output: Output,
+    body: &str,
+    text: impl FnOnce(&serde_json::Value) -> String,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", body.trim_end()),
+        Output::Text => print!("{}", text(&serde_json::from_str(body)?)),
+    }
+    Ok(())
+}
+
+fn flows(addr: std::net::SocketAddr, follow: bool, output: Output) -> anyhow::Result<()> {
+    let mut since = 0u64;
+    loop {
+        let body = client::get(addr, &format!("/debug/flows?since={since}"))?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let empty = Vec::new();
+        let flows = v["flows"].as_array().unwrap_or(&empty);
+        match (output, follow) {
+            (Output::Json, false) => println!("{}", body.trim_end()),
+            // Following prints one JSON object per line, so the stream can be piped to jq.
+            (Output::Json, true) => {
+                for f in flows {
+                    println!("{f}");
+                }
+            }
+            (Output::Text, _) => {
+                for f in flows {
+                    println!("{}", render::flow(f));
+                }
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        since = v["next"].as_u64().unwrap_or(since);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -128,6 +225,37 @@ fn main() -> ExitCode {
                 });
                 print(output, &dump, |d| ebpf::inspect::render_services(d));
             }),
+        Cmd::Policy {
+            cmd: PolicyCmd::Status { admin_addr, output },
+        } => client::get(admin_addr, "/debug/policies")
+            .and_then(|body| show(output, &body, render::policy_status)),
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Check {
+                    from,
+                    to,
+                    port,
+                    proto,
+                    admin_addr,
+                    output,
+                },
+        } => {
+            let proto = match proto {
+                Proto::Tcp => "tcp",
+                Proto::Udp => "udp",
+            };
+            let path = format!(
+                "/debug/policy/check?from={}&to={}&port={port}&proto={proto}",
+                client::encode(&from),
+                client::encode(&to)
+            );
+            client::get(admin_addr, &path).and_then(|body| show(output, &body, render::check))
+        }
+        Cmd::Flows {
+            follow,
+            admin_addr,
+            output,
+        } => flows(admin_addr, follow, output),
         Cmd::Uninstall { roots } => {
             ebpf::uninstall(&Layout::new(&roots.bpffs_root)).map(|removed| {
                 for r in &removed {

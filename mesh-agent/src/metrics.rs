@@ -15,7 +15,16 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::Datapath;
+use crate::{datapath::Datapath, policy::live::PolicyPlane};
+
+/// Labels of `sinew_policy_denials_total`: one series per direction, protocol and identity pair.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub direction: &'static str,
+    pub proto: &'static str,
+    pub source: String,
+    pub destination: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -58,10 +67,19 @@ pub struct Metrics {
     pub rejected: Family<RejectedLabels, Gauge>,
     pub services: Gauge,
     pub backends: Gauge,
+    /// Reported denials (events that reached the agent), by direction, protocol and identities.
+    pub policy_denials: Family<DenialLabels, Counter>,
+    /// Policy compilations that could not be put in force (the previous one stayed).
+    pub policy_errors: Counter,
+    pub policy_revision: Gauge,
 }
 
 impl Metrics {
-    pub fn new(node: &str, datapath: Arc<Mutex<Datapath>>) -> Self {
+    pub fn new(
+        node: &str,
+        datapath: Arc<Mutex<Datapath>>,
+        policy: Arc<Mutex<PolicyPlane>>,
+    ) -> Self {
         let mut registry = Registry::with_prefix("sinew");
         let info = Info::new(vec![
             ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
@@ -91,6 +109,25 @@ impl Metrics {
         let backends = Gauge::default();
         registry.register("backends", "Backends in the kernel maps", backends.clone());
         registry.register_collector(Box::new(KernelCounters { datapath }));
+        let policy_denials = Family::<DenialLabels, Counter>::default();
+        registry.register(
+            "policy_denials",
+            "Policy denials reported by the kernel (the unreported rest: policy_events_dropped_total)",
+            policy_denials.clone(),
+        );
+        let policy_errors = Counter::default();
+        registry.register(
+            "policy_compile_errors",
+            "Policy sets that could not be put in force; the previous one stayed",
+            policy_errors.clone(),
+        );
+        let policy_revision = Gauge::default();
+        registry.register(
+            "policy_revision",
+            "Policy compilations put in force since start",
+            policy_revision.clone(),
+        );
+        registry.register_collector(Box::new(PolicyKernelCounters { policy }));
         Self {
             registry,
             reconcile,
@@ -98,6 +135,9 @@ impl Metrics {
             rejected,
             services,
             backends,
+            policy_denials,
+            policy_errors,
+            policy_revision,
         }
     }
 
@@ -159,6 +199,82 @@ impl Collector for KernelCounters {
                 let v = if pick == 0 { *balanced } else { *no_backend };
                 ConstCounter::new(v).encode(family.encode_family(labels)?)?;
             }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    direction: &'static str,
+    verdict: &'static str,
+}
+
+/// Reads `pol_counters` at scrape time: exact kernel verdict counts, whatever the event rate limit dropped.
+#[derive(Debug)]
+struct PolicyKernelCounters {
+    policy: Arc<Mutex<PolicyPlane>>,
+}
+
+impl std::fmt::Debug for PolicyPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyPlane")
+            .field("revision", &self.revision)
+            .finish()
+    }
+}
+
+impl Collector for PolicyKernelCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self
+            .policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .counters();
+        let mut family = encoder.encode_descriptor(
+            "policy_kernel_verdicts",
+            "Connections the kernel judged under policy (egress: at connect; ingress: first packet)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (direction, verdict, v) in [
+            ("egress", "deny", c.denied_egress),
+            ("ingress", "deny", c.denied_ingress),
+            ("egress", "allow", c.allowed_egress),
+            ("ingress", "allow", c.allowed_ingress),
+        ] {
+            ConstCounter::new(v)
+                .encode(family.encode_family(&VerdictLabels { direction, verdict })?)?;
+        }
+        for (name, help, v) in [
+            (
+                "policy_events_dropped",
+                "Denial/audit events not reported: over the rate limit or the ring buffer was full",
+                c.events_dropped,
+            ),
+            (
+                "policy_events_sent",
+                "Denial/audit events the kernel reported",
+                c.events_sent,
+            ),
+            (
+                "policy_audited",
+                "Connections an AUDIT policy matched",
+                c.audited,
+            ),
+            (
+                "policy_udp_flow_hits",
+                "UDP datagrams passed by the flow cache without a policy lookup",
+                c.udp_flow_hits,
+            ),
+        ] {
+            let family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            ConstCounter::new(v).encode(family)?;
         }
         Ok(())
     }

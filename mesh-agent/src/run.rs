@@ -17,8 +17,14 @@ use crate::{
     admin::{self, AdminState},
     config::Config,
     datapath::Datapath,
-    ebpf::{self, Layout, Maps, reconcile::Reconciler},
+    ebpf::{
+        self, Layout, Maps,
+        policy::{EventLimits, PolicyMaps},
+        reconcile::Reconciler,
+    },
+    events,
     metrics::{Metrics, RejectedLabels, ResultLabel, label_value},
+    policy::live::{PolicyPlane, PolicySettings},
     source::{
         SourceError,
         file::{FileSource, Watcher},
@@ -72,18 +78,34 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let datapath = Arc::new(Mutex::new(Datapath::new(Reconciler::new(Maps::open(
         &layout,
     )?)?)));
+    let plane = Arc::new(Mutex::new(PolicyPlane::new(
+        PolicyMaps::open(&layout)?,
+        PolicySettings {
+            node: cfg.node.clone(),
+            root_namespace: cfg.mesh_root_namespace.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+            limits: EventLimits {
+                per_sec: cfg.policy_events_per_sec,
+                // A short burst is reported in full; a flood is sampled at the rate.
+                burst: cfg.policy_events_per_sec.clamp(1, 1000),
+            },
+        },
+    )));
     let admin_state = Arc::new(AdminState {
         ready: false.into(),
-        metrics: Metrics::new(&cfg.node, datapath.clone()),
+        metrics: Metrics::new(&cfg.node, datapath.clone(), plane.clone()),
         datapath: datapath.clone(),
+        policy: plane.clone(),
     });
     admin::serve(cfg.admin_addr, admin_state.clone()).await?;
+    tokio::spawn(events::run(layout.clone(), admin_state.clone()));
 
     let mut source = FileSource::new(&cfg.source_dir);
     let mut watcher = Watcher::new(&cfg.source_dir);
     let mut last_sync: Option<Instant> = None;
     let mut retry = false;
     let mut last_errors: Vec<String> = Vec::new();
+    let mut last_policy_warnings: Vec<String> = Vec::new();
     loop {
         let due = retry || last_sync.is_none_or(|t| t.elapsed() >= RESYNC) || watcher.changed();
         if due {
@@ -94,7 +116,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .apply(desired);
+            let policy_ok =
+                apply_policy(&admin_state, &snapshot, &errors, &mut last_policy_warnings);
             let m = &admin_state.metrics;
+            let result = match (result, policy_ok) {
+                (Ok(ch), true) => Ok(ch),
+                (Ok(_), false) => Err(None),
+                (Err(e), _) => Err(Some(e)),
+            };
             match result {
                 Ok(ch) => {
                     m.reconcile
@@ -120,7 +149,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     m.reconcile
                         .get_or_create(&ResultLabel { result: "error" })
                         .inc();
-                    error!(error = %e, "reconcile failed; the maps keep their last state, retrying");
+                    if let Some(e) = e {
+                        error!(error = %e, "reconcile failed; the maps keep their last state, retrying");
+                    }
                     retry = true;
                 }
             }
@@ -136,6 +167,50 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "exiting; programs stay attached and maps stay pinned (`mesh-agent uninstall` removes them)"
     );
     Ok(())
+}
+
+/// Compiles and applies the snapshot's policies. On failure the previous policy set stays in force in the
+/// kernel (nothing is half-applied: see `ebpf::policy`), the error is logged and counted, and `false` makes the
+/// loop retry.
+fn apply_policy(
+    admin: &AdminState,
+    snapshot: &crate::source::Snapshot,
+    errors: &[SourceError],
+    last_warnings: &mut Vec<String>,
+) -> bool {
+    let rejected: Vec<SourceError> = errors
+        .iter()
+        .filter(|e| e.object.starts_with(crate::policy::KIND))
+        .cloned()
+        .collect();
+    let mut plane = admin.policy.lock().unwrap_or_else(|e| e.into_inner());
+    match plane.apply(&snapshot.authorization_policies, &snapshot.pods, rejected) {
+        Ok((changes, warnings)) => {
+            if changes.flipped {
+                info!(
+                    revision = plane.revision,
+                    epoch = changes.epoch,
+                    writes = changes.writes,
+                    deletes = changes.deletes,
+                    policies = snapshot.authorization_policies.len(),
+                    "policy in force"
+                );
+            }
+            admin.metrics.policy_revision.set(plane.revision as i64);
+            if warnings != *last_warnings {
+                for w in &warnings {
+                    warn!(warning = %w, "pod not enforced on its client side until its netns can be read");
+                }
+                *last_warnings = warnings;
+            }
+            true
+        }
+        Err(e) => {
+            admin.metrics.policy_errors.inc();
+            error!(error = %format!("{e:#}"), "policy not applied; the previous policy set stays in force");
+            false
+        }
+    }
 }
 
 /// Logs source errors when they change (not on every poll) and mirrors them into metrics.
@@ -155,7 +230,7 @@ fn report_errors(metrics: &Metrics, errors: &[SourceError], last: &mut Vec<Strin
     let now: Vec<String> = errors.iter().map(ToString::to_string).collect();
     if now != *last {
         for e in &now {
-            warn!(error = %e, "rejected source input; its file's last good content stays in force");
+            warn!(error = %e, "rejected source input; its last accepted version (if any) stays in force");
         }
         if now.is_empty() && !last.is_empty() {
             info!("all source errors resolved");

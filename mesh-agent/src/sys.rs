@@ -145,3 +145,51 @@ pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
         Err(e)
     }
 }
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+): the cookie of the socket's network namespace, the same value
+/// `bpf_get_netns_cookie()` returns to the programs.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The netns cookie of the network namespace at `path` (a `/proc/<pid>/ns/net` or `ip netns` bind mount).
+///
+/// A throwaway thread enters the namespace and asks a socket created there; the agent's own threads never move.
+pub fn netns_cookie(path: &Path) -> io::Result<u64> {
+    let ns = std::fs::File::open(path)?;
+    std::thread::spawn(move || -> io::Result<u64> {
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cookie)
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns cookie thread panicked"))?
+}
+
+/// Reads a `T` from the start of `bytes` (a ring buffer record), if there are enough of them.
+pub fn read_record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: `T: Pod` is plain data valid for any bit pattern, and the length was checked; the record may be
+    // unaligned, hence read_unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}

@@ -8,6 +8,7 @@
 //! program whose link is already pinned is swapped in place with `BPF_LINK_UPDATE`. Only [`uninstall`] detaches.
 
 pub mod inspect;
+pub mod policy;
 pub mod reconcile;
 
 use std::{
@@ -80,7 +81,7 @@ pub struct Maps {
     pub counters: PerCpuArray<MapData, ServiceCounters>,
 }
 
-fn open_map(layout: &Layout, name: &str) -> anyhow::Result<Map> {
+pub(crate) fn open_map(layout: &Layout, name: &str) -> anyhow::Result<Map> {
     let path = layout.map(name);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening pinned map {}", path.display()))?;

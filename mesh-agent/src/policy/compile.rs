@@ -1,0 +1,608 @@
+//! The policy compiler: `AuthorizationPolicy` objects and pods in, kernel tables out. Pure (no I/O).
+//!
+//! # Classes
+//!
+//! The kernel must answer "may this source open a connection to this workload on this port?" in O(1). Sources
+//! and workloads are grouped into classes that no policy can tell apart:
+//!
+//! - A **source class** is an (identity, `ipBlocks` membership) pair. The identity is a pod's (namespace, service
+//!   account), or none for everything unauthenticated (the world, nodes). Membership is which of the CIDRs named
+//!   anywhere in `ipBlocks`/`notIpBlocks` contain the address. Class 0 is "no identity, in no block".
+//! - A **destination class** is a set of policies that apply to a workload (by namespace, root namespace and
+//!   selector). Class 0 is "no policy applies": allowed without a lookup.
+//! - **Ports** of a destination class are the ports its policies name; every other port behaves the same.
+//!
+//! For every (destination class, source class, port) the verdict comes from the reference evaluator itself
+//! ([`Evaluator::evaluate_among`]) applied to a representative source and workload of the classes, so the
+//! kernel's table agrees with the reference by construction; only entries that differ from the fallbacks are
+//! kept (port entry → any-port entry → the class's default).
+//!
+//! # The IP cache
+//!
+//! An LPM trie maps addresses to (identity, source class, destination class): one /32 (/128) per pod and node
+//! address, one entry per policy CIDR, and a root for each family. A longest-prefix match finds the most specific
+//! entry, and the CIDRs containing an address are exactly those containing that entry's prefix (every CIDR is
+//! an entry), so one lookup gives the right membership. Each entry's class is evaluated at an address inside it
+//! that no more specific entry covers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use mesh_common::policy::{
+    CLASS_SKIP, DST_DEFAULT_DENY, IpSlot, LocalSlot, PolicyValue, VERDICT_ALLOW, VERDICT_DENY,
+    VERDICT_FLAG_AUDIT, identity,
+};
+use serde::Serialize;
+
+use super::eval::{Evaluator, Identity, Protocol, Request, Verdict};
+use super::{Action, AuthorizationPolicy};
+use crate::k8s::Pod;
+
+/// An IPv4 prefix length in the kernel's 128-bit keys is this plus the IPv4 length.
+const V4_MAPPED_BITS: u8 = 96;
+
+/// An address prefix as the kernel's LPM trie keys it: 16 bytes (IPv4 v4-mapped) and a length over 128 bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix {
+    pub addr: [u8; 16],
+    pub len: u8,
+}
+
+impl Prefix {
+    /// The prefix of `addr/len`, `len` counted in the address's own family; host bits are cleared.
+    pub fn new(addr: IpAddr, len: u8) -> Prefix {
+        let (bytes, len) = match addr.to_canonical() {
+            IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), V4_MAPPED_BITS + len.min(32)),
+            IpAddr::V6(a) => (a.octets(), len.min(128)),
+        };
+        Prefix {
+            addr: mask(bytes, len),
+            len,
+        }
+    }
+
+    /// A single address.
+    pub fn host(addr: IpAddr) -> Prefix {
+        Prefix::new(
+            addr,
+            if addr.to_canonical().is_ipv4() {
+                32
+            } else {
+                128
+            },
+        )
+    }
+
+    pub fn contains(&self, other: &Prefix) -> bool {
+        self.len <= other.len && mask(other.addr, self.len) == self.addr
+    }
+
+    pub fn contains_addr(&self, addr: IpAddr) -> bool {
+        self.contains(&Prefix::host(addr))
+    }
+
+    fn is_v4(&self) -> bool {
+        self.len >= V4_MAPPED_BITS && Ipv6Addr::from(self.addr).to_ipv4_mapped().is_some()
+    }
+
+    /// The network address, in its own family.
+    pub fn ip(&self) -> IpAddr {
+        let a = Ipv6Addr::from(self.addr);
+        match a.to_ipv4_mapped() {
+            Some(v4) if self.len >= V4_MAPPED_BITS => IpAddr::V4(v4),
+            _ => IpAddr::V6(a),
+        }
+    }
+
+    /// The two halves one bit longer.
+    fn halves(&self) -> Option<[Prefix; 2]> {
+        if self.len >= 128 {
+            return None;
+        }
+        let mut hi = self.addr;
+        hi[(self.len / 8) as usize] |= 0x80 >> (self.len % 8);
+        let len = self.len + 1;
+        Some([
+            Prefix {
+                addr: self.addr,
+                len,
+            },
+            Prefix { addr: hi, len },
+        ])
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let len = if self.is_v4() {
+            self.len - V4_MAPPED_BITS
+        } else {
+            self.len
+        };
+        write!(f, "{}/{len}", self.ip())
+    }
+}
+
+fn mask(mut bytes: [u8; 16], len: u8) -> [u8; 16] {
+    for (i, b) in bytes.iter_mut().enumerate() {
+        let start = i as u32 * 8;
+        let keep = (len as u32).saturating_sub(start).min(8);
+        *b &= if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+    }
+    bytes
+}
+
+/// The root entries: every IPv4 address (v4-mapped) and every IPv6 address.
+fn roots() -> [Prefix; 2] {
+    [
+        Prefix::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        Prefix::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    ]
+}
+
+/// What the compiler needs besides the policies.
+#[derive(Clone, Debug)]
+pub struct Inputs<'a> {
+    pub policies: &'a [AuthorizationPolicy],
+    /// Every known pod, on any node.
+    pub pods: &'a [Pod],
+    /// This node's name: its pods get client-side enforcement.
+    pub node: &'a str,
+    pub root_namespace: &'a str,
+    pub trust_domain: &'a str,
+    /// Netns cookies of this node's pods, by pod key (`namespace/name`). A local pod without one is only
+    /// enforced at its destinations.
+    pub netns_cookies: &'a BTreeMap<String, u64>,
+}
+
+/// A source class: who (if anyone) and which policy CIDRs contain the address.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct SourceClass {
+    pub id: u32,
+    /// `namespace/serviceaccount`; `None`: unauthenticated.
+    pub identity: Option<String>,
+    /// The CIDRs (from any policy) that contain the class's addresses.
+    pub cidrs: Vec<String>,
+    /// An address of the class, used to evaluate it.
+    pub example_ip: IpAddr,
+}
+
+/// A destination class: the policies that apply to its workloads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DestClass {
+    pub id: u32,
+    /// `namespace/name`, in decider order.
+    pub policies: Vec<String>,
+    /// An ALLOW policy applies: what nothing allows is denied.
+    pub default_deny: bool,
+    /// Ports the policies name.
+    pub ports: Vec<u16>,
+    /// `namespace/name` of the pods in the class.
+    pub pods: Vec<String>,
+}
+
+/// Everything the kernel's policy maps should hold, with what names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// Some policy applies to some workload: the kernel checks connections at all.
+    pub enabled: bool,
+    pub ipcache: BTreeMap<Prefix, IpSlot>,
+    /// By netns cookie.
+    pub local_eps: BTreeMap<u64, LocalSlot>,
+    /// (destination class, source class, port or 0 for any) -> verdict.
+    pub verdicts: BTreeMap<(u32, u32, u16), PolicyValue>,
+    /// Numeric identity -> `namespace/serviceaccount`.
+    pub identities: BTreeMap<u32, String>,
+    pub source_classes: Vec<SourceClass>,
+    pub dest_classes: Vec<DestClass>,
+    /// Policy key -> the pods (`namespace/name`) it applies to.
+    pub selects: BTreeMap<String, Vec<String>>,
+}
+
+/// The numeric identity of `namespace/serviceaccount`: a hash, so that every node and every restart gives the
+/// same number for the same service account without coordination. Collisions (rare among a few thousand
+/// service accounts in a 32-bit space) are resolved by probing in name order, so they are deterministic too.
+pub fn allocate_identities<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, u32> {
+    let names: BTreeSet<&str> = names.into_iter().collect();
+    let mut taken = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    let span = u32::MAX - identity::FIRST_WORKLOAD;
+    for name in names {
+        let mut id = identity::FIRST_WORKLOAD + fnv1a(name.as_bytes()) % span;
+        while !taken.insert(id) {
+            id = identity::FIRST_WORKLOAD + (id - identity::FIRST_WORKLOAD + 1) % span;
+        }
+        out.insert(name.to_string(), id);
+    }
+    out
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// A pod as policy sees it.
+struct Workload<'a> {
+    key: String,
+    pod: &'a Pod,
+    ips: Vec<IpAddr>,
+    identity: String,
+}
+
+/// Who an address is, before classes: a pod, a node, or a policy CIDR/root (the world).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Owner {
+    /// Index into the workloads.
+    Pod(usize),
+    Host,
+    World,
+}
+
+/// An error that keeps the compilation out of the kernel (the previous one stays in force).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CompileError {
+    #[error(
+        "the policies need {needed} kernel verdict entries, more than the {limit} one policy set may use"
+    )]
+    TooManyVerdicts { needed: usize, limit: usize },
+    #[error("{needed} addresses and CIDRs exceed the IP cache's {limit} entries")]
+    TooManyAddresses { needed: usize, limit: usize },
+}
+
+/// Compiles policies and pods into the kernel's tables.
+pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
+    let eval = Evaluator::new(inputs.policies, inputs.root_namespace);
+
+    // Workloads: pods that hold their addresses. An address two pods claim (host-network pods share the node's)
+    // belongs to no single workload, so it is treated as the node's.
+    let mut workloads: Vec<Workload<'_>> = Vec::new();
+    for pod in inputs.pods {
+        if pod.is_terminated() {
+            continue;
+        }
+        let ips = pod.ips();
+        if ips.is_empty() {
+            continue;
+        }
+        workloads.push(Workload {
+            key: pod.metadata.key(),
+            pod,
+            ips,
+            identity: format!("{}/{}", pod.metadata.namespace, pod.service_account()),
+        });
+    }
+    workloads.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut owners: BTreeMap<Prefix, Owner> = BTreeMap::new();
+    let mut host_ips = BTreeSet::new();
+    for pod in inputs.pods {
+        if let Some(ip) = pod
+            .status
+            .host_ip
+            .as_deref()
+            .and_then(|s| s.parse::<IpAddr>().ok())
+        {
+            host_ips.insert(Prefix::host(ip));
+        }
+    }
+    let mut claimed: BTreeMap<Prefix, Vec<usize>> = BTreeMap::new();
+    for (i, w) in workloads.iter().enumerate() {
+        for ip in &w.ips {
+            claimed.entry(Prefix::host(*ip)).or_default().push(i);
+        }
+    }
+    for (prefix, pods) in &claimed {
+        let owner = match pods.as_slice() {
+            [i] if !host_ips.contains(prefix) => Owner::Pod(*i),
+            _ => Owner::Host,
+        };
+        owners.insert(*prefix, owner);
+    }
+    for prefix in &host_ips {
+        owners.insert(*prefix, Owner::Host);
+    }
+    let cidrs: Vec<Prefix> = eval
+        .cidrs()
+        .into_iter()
+        .map(|(ip, len)| Prefix::new(ip, len))
+        .collect();
+    for prefix in cidrs.iter().chain(roots().iter()) {
+        owners.entry(*prefix).or_insert(Owner::World);
+    }
+    if owners.len() > mesh_common::policy::MAX_IPCACHE as usize {
+        return Err(CompileError::TooManyAddresses {
+            needed: owners.len(),
+            limit: mesh_common::policy::MAX_IPCACHE as usize,
+        });
+    }
+
+    let identity_ids = allocate_identities(workloads.iter().map(|w| w.identity.as_str()));
+    let identities: BTreeMap<u32, String> = identity_ids
+        .iter()
+        .map(|(name, id)| (*id, name.clone()))
+        .collect();
+
+    // Source classes, one per distinct (identity, membership). Class 0 is (none, no CIDR) even when no entry
+    // has it, because that is what a lookup that finds nothing means.
+    let all: Vec<Prefix> = owners.keys().copied().collect();
+    let mut class_of_key: BTreeMap<(Option<String>, Vec<usize>), u32> = BTreeMap::new();
+    let mut source_classes = vec![SourceClass {
+        id: 0,
+        identity: None,
+        cidrs: Vec::new(),
+        example_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    }];
+    class_of_key.insert((None, Vec::new()), 0);
+    let mut src_class_of: BTreeMap<Prefix, u32> = BTreeMap::new();
+    for (prefix, owner) in &owners {
+        // An entry that more specific entries cover entirely is never the answer of a lookup.
+        let Some(example) = uncovered(prefix, &all) else {
+            continue;
+        };
+        let membership: Vec<usize> = cidrs
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| same_family(c, prefix) && c.contains(prefix))
+            .map(|(i, _)| i)
+            .collect();
+        let identity = match owner {
+            Owner::Pod(i) => Some(workloads[*i].identity.clone()),
+            Owner::Host | Owner::World => None,
+        };
+        if identity.is_none() && membership.is_empty() && src_class_of.values().all(|&c| c != 0) {
+            // Class 0's placeholder example may lie in a CIDR; a real unowned, uncovered address does not.
+            source_classes[0].example_ip = example;
+        }
+        let key = (identity.clone(), membership.clone());
+        let next = source_classes.len() as u32;
+        let id = *class_of_key.entry(key).or_insert_with(|| {
+            source_classes.push(SourceClass {
+                id: next,
+                identity,
+                cidrs: membership.iter().map(|&i| cidrs[i].to_string()).collect(),
+                example_ip: example,
+            });
+            next
+        });
+        src_class_of.insert(*prefix, id);
+    }
+
+    // Destination classes, one per distinct set of applicable policies.
+    let mut dest_classes: Vec<DestClass> = Vec::new();
+    let mut dest_applicable: Vec<(Vec<usize>, usize)> = Vec::new();
+    let mut dst_class_of_workload: Vec<u32> = vec![0; workloads.len()];
+    let mut selects: BTreeMap<String, Vec<String>> = inputs
+        .policies
+        .iter()
+        .map(|p| (p.key(), Vec::new()))
+        .collect();
+    for (i, w) in workloads.iter().enumerate() {
+        let applicable = eval.applicable(&w.pod.metadata.namespace, &w.pod.metadata.labels);
+        for &p in &applicable {
+            if let Some(pods) = selects.get_mut(&inputs.policies[p].key()) {
+                pods.push(w.key.clone());
+            }
+        }
+        if applicable.is_empty() {
+            continue;
+        }
+        let id = match dest_applicable.iter().position(|(a, _)| *a == applicable) {
+            Some(c) => {
+                dest_classes[c].pods.push(w.key.clone());
+                c as u32 + 1
+            }
+            None => {
+                let policies: Vec<String> = applicable
+                    .iter()
+                    .map(|&p| inputs.policies[p].key())
+                    .collect();
+                let default_deny = applicable
+                    .iter()
+                    .any(|&p| inputs.policies[p].spec.action == Action::Allow);
+                dest_classes.push(DestClass {
+                    id: dest_classes.len() as u32 + 1,
+                    policies,
+                    default_deny,
+                    ports: eval.ports(&applicable).into_iter().collect(),
+                    pods: vec![w.key.clone()],
+                });
+                dest_applicable.push((applicable, i));
+                dest_classes.len() as u32
+            }
+        };
+        dst_class_of_workload[i] = id;
+    }
+
+    // The verdict table.
+    let limit = mesh_common::policy::MAX_POLICY as usize / 2;
+    let mut verdicts = BTreeMap::new();
+    for (class, (applicable, example)) in dest_classes.iter().zip(&dest_applicable) {
+        let pod = workloads[*example].pod;
+        let default = value(!class.default_deny, false);
+        let other_port = (1..=u16::MAX)
+            .find(|p| class.ports.binary_search(p).is_err())
+            .expect("a policy cannot name every port");
+        for src in &source_classes {
+            let source = src.identity.as_deref().map(|name| {
+                let (ns, sa) = name.split_once('/').expect("identity names are ns/sa");
+                Identity::new(inputs.trust_domain, ns, sa)
+            });
+            let judge = |port: u16| -> PolicyValue {
+                let req = Request {
+                    source: source.clone(),
+                    source_ip: src.example_ip,
+                    dest_namespace: pod.metadata.namespace.clone(),
+                    dest_labels: pod.metadata.labels.clone(),
+                    dest_port: port,
+                    protocol: Protocol::Tcp,
+                };
+                verdict_value(&eval.evaluate_among(applicable, &req))
+            };
+            let any = judge(other_port);
+            if any != default {
+                verdicts.insert((class.id, src.id, 0), any);
+            }
+            for &port in &class.ports {
+                let v = judge(port);
+                if v != any {
+                    verdicts.insert((class.id, src.id, port), v);
+                }
+            }
+            if verdicts.len() > limit {
+                return Err(CompileError::TooManyVerdicts {
+                    needed: verdicts.len(),
+                    limit,
+                });
+            }
+        }
+    }
+
+    // The IP cache and local endpoints.
+    let dst_bits = |class: u32| -> u32 {
+        match class {
+            0 => 0,
+            c if dest_classes[c as usize - 1].default_deny => c | DST_DEFAULT_DENY,
+            c => c,
+        }
+    };
+    let mut ipcache = BTreeMap::new();
+    for (prefix, owner) in &owners {
+        let src_class = src_class_of.get(prefix).copied().unwrap_or(0);
+        let slot = match owner {
+            Owner::Pod(i) => IpSlot {
+                identity: identity_ids[&workloads[*i].identity],
+                src_class,
+                dst_class: dst_bits(dst_class_of_workload[*i]),
+            },
+            Owner::Host => IpSlot {
+                identity: identity::HOST,
+                src_class,
+                dst_class: 0,
+            },
+            Owner::World => IpSlot {
+                identity: identity::WORLD,
+                src_class,
+                dst_class: 0,
+            },
+        };
+        ipcache.insert(*prefix, slot);
+    }
+    let mut local_eps = BTreeMap::new();
+    for w in &workloads {
+        if w.pod.spec.node_name.as_deref() != Some(inputs.node) {
+            continue;
+        }
+        let Some(&cookie) = inputs.netns_cookies.get(&w.key) else {
+            continue;
+        };
+        // The class of the pod's own address in each family (its source address when it connects).
+        let class_for = |v4: bool| -> u32 {
+            w.ips
+                .iter()
+                .find(|ip| ip.to_canonical().is_ipv4() == v4)
+                .map(|ip| Prefix::host(*ip))
+                .filter(|p| matches!(owners.get(p), Some(Owner::Pod(_))))
+                .and_then(|p| src_class_of.get(&p).copied())
+                .unwrap_or(CLASS_SKIP)
+        };
+        let (c4, c6) = (class_for(true), class_for(false));
+        if c4 == CLASS_SKIP && c6 == CLASS_SKIP {
+            continue;
+        }
+        local_eps.insert(
+            cookie,
+            LocalSlot {
+                identity: identity_ids[&w.identity],
+                src_class4: c4,
+                src_class6: c6,
+            },
+        );
+    }
+
+    Ok(Compiled {
+        enabled: !dest_classes.is_empty(),
+        ipcache,
+        local_eps,
+        verdicts,
+        identities,
+        source_classes,
+        dest_classes,
+        selects,
+    })
+}
+
+fn same_family(a: &Prefix, b: &Prefix) -> bool {
+    a.is_v4() == b.is_v4()
+}
+
+/// An address inside `prefix` that no longer prefix in `all` covers, if there is one.
+fn uncovered(prefix: &Prefix, all: &[Prefix]) -> Option<IpAddr> {
+    // The IPv6 root must not answer for IPv4 addresses (the IPv4 root does), so it looks outside ::ffff:0:0/96.
+    let inner: Vec<Prefix> = all
+        .iter()
+        .filter(|p| p.len > prefix.len && prefix.contains(p))
+        .copied()
+        .collect();
+    fn walk(p: Prefix, inner: &[Prefix]) -> Option<Prefix> {
+        if inner.iter().any(|q| q.contains(&p)) {
+            return None;
+        }
+        if !inner.iter().any(|q| p.contains(q)) {
+            return Some(p);
+        }
+        let [lo, hi] = p.halves()?;
+        walk(lo, inner).or_else(|| walk(hi, inner))
+    }
+    walk(*prefix, &inner).map(|p| p.ip())
+}
+
+fn value(allowed: bool, audit: bool) -> PolicyValue {
+    PolicyValue {
+        verdict: if allowed { VERDICT_ALLOW } else { VERDICT_DENY },
+        flags: if audit { VERDICT_FLAG_AUDIT } else { 0 },
+        _pad: [0; 2],
+    }
+}
+
+fn verdict_value(v: &Verdict) -> PolicyValue {
+    value(v.allowed, !v.audit.is_empty())
+}
+
+impl Compiled {
+    /// The slot a longest-prefix match for `ip` finds, as the kernel would.
+    pub fn lookup(&self, ip: IpAddr) -> Option<(Prefix, IpSlot)> {
+        let host = Prefix::host(ip);
+        (0..=host.len).rev().find_map(|len| {
+            let p = Prefix {
+                addr: mask(host.addr, len),
+                len,
+            };
+            self.ipcache.get(&p).map(|s| (p, *s))
+        })
+    }
+
+    /// The kernel's verdict for a source class, a destination class (with its default bit) and a port, as the
+    /// programs compute it.
+    pub fn kernel_verdict(&self, dst_class: u32, src_class: u32, port: u16) -> PolicyValue {
+        let id = dst_class & mesh_common::policy::CLASS_ID_MASK;
+        if id == 0 {
+            return value(true, false);
+        }
+        self.verdicts
+            .get(&(id, src_class, port))
+            .or_else(|| self.verdicts.get(&(id, src_class, 0)))
+            .copied()
+            .unwrap_or_else(|| value(dst_class & DST_DEFAULT_DENY == 0, false))
+    }
+
+    pub fn source_class(&self, id: u32) -> Option<&SourceClass> {
+        self.source_classes.get(id as usize)
+    }
+
+    pub fn dest_class(&self, id: u32) -> Option<&DestClass> {
+        let id = id & mesh_common::policy::CLASS_ID_MASK;
+        id.checked_sub(1)
+            .and_then(|i| self.dest_classes.get(i as usize))
+    }
+}

@@ -2172,8 +2172,7 @@ spec:
 "#,
         );
         assert_eq!(ps.len(), 2);
-        assert_eq!(ps[0].api_version, crate::policy::API_VERSION);
-        assert_eq!(ps[0].kind, crate::policy::KIND);
+        assert_eq!(ps[0].key(), "foo/httpbin");
         assert_eq!(ps[0].spec.selector.as_ref().unwrap().match_labels.len(), 2);
         assert_eq!(ps[0].spec.rules.len(), 2);
         assert_eq!(statuses(&ps[0]), vec![RuleStatus::KernelEnforced; 2]);

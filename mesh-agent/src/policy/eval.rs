@@ -217,6 +217,81 @@ pub fn rule_status(policy: &AuthorizationPolicy, rule_index: usize) -> RuleStatu
     compile_rule(policy, rule_index).status()
 }
 
+/// Checks a policy before it is accepted (by the file source, later by an admission webhook). `Err` names every
+/// problem with its field path, separated by `"; "`, e.g.
+/// `spec.rules[0].from[0].source.ipBlocks[1]: "10.0.0.0/33" is not a CIDR`.
+///
+/// Rejected: a missing `metadata.name`; an unknown `spec.action` or `spec` field; every problem that makes a rule
+/// [`RuleStatus::Rejected`] (malformed principal or namespace, invalid CIDR, port out of range or not a number,
+/// unknown fields, empty `from: []`/`to: []`, missing or empty `source`/`operation`); and IPv4-mapped IPv6 blocks
+/// (inside `::ffff:0:0/96`), which must be written in their IPv4 form. Rules that need a proxy (L7 fields, `when`)
+/// are valid: their status says how they are enforced.
+pub fn validate(policy: &AuthorizationPolicy) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if policy.name().is_empty() {
+        problems.push("metadata.name: must not be empty".to_string());
+    }
+    if let Action::Unknown(a) = &policy.spec.action {
+        problems.push(format!(
+            "spec.action: {a:?} is not one of ALLOW, DENY, AUDIT"
+        ));
+    }
+    for key in policy.spec.unknown.keys() {
+        problems.push(format!("spec.{key}: unknown field"));
+    }
+    for (i, rule) in policy.spec.rules.iter().enumerate() {
+        // The unknown action is reported once above, not once per rule.
+        let compiled = compile_rule(policy, i);
+        problems.extend(
+            compiled
+                .problems
+                .iter()
+                .filter(|p| !p.starts_with("spec.action:"))
+                .map(|p| format!("spec.{p}")),
+        );
+        for (j, from) in rule.from.iter().flatten().enumerate() {
+            let Some(source) = &from.source else { continue };
+            for (name, blocks) in [
+                ("ipBlocks", &source.ip_blocks),
+                ("notIpBlocks", &source.not_ip_blocks),
+            ] {
+                for (k, block) in blocks.iter().enumerate() {
+                    if let Some(v4) = ipv4_mapped_form(block) {
+                        problems.push(format!(
+                            "spec.rules[{i}].from[{j}].source.{name}[{k}]: {block:?} is an IPv4-mapped IPv6 \
+                             block; write the IPv4 form {v4}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// The IPv4 spelling of an IPv6 block inside `::ffff:0:0/96` (`::ffff:10.0.0.0/104` -> `10.0.0.0/8`), if it is
+/// one.
+fn ipv4_mapped_form(block: &str) -> Option<String> {
+    let (addr, len) = match block.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (block, None),
+    };
+    let IpAddr::V6(v6) = addr.parse::<IpAddr>().ok()? else {
+        return None;
+    };
+    let cidr = parse_cidr(block).ok()?;
+    let v4 = v6.to_ipv4_mapped()?;
+    // parse_cidr turned it into IPv4 exactly when it is inside ::ffff:0:0/96.
+    cidr.addr.is_ipv4().then(|| match len {
+        Some(_) => format!("{v4}/{}", cidr.len),
+        None => v4.to_string(),
+    })
+}
+
 /// A set of policies with their rules compiled once, to evaluate many requests.
 ///
 /// This is the one implementation of the semantics in the module documentation: [`evaluate`] and
@@ -2280,6 +2355,162 @@ spec:
         let bar = from("bar", "x");
         assert!(!allowed(std::slice::from_ref(&one), &bar));
         assert!(allowed(&[two], &bar));
+    }
+
+    // ---- validate ---------------------------------------------------------------------------------------------
+
+    /// `validate`'s error for a policy `metadata: {name: p}` with this `spec`.
+    fn invalid(spec: &str) -> String {
+        let p = pol(&format!(
+            "metadata: {{name: p, namespace: default}}\nspec: {spec}\n"
+        ));
+        validate(&p).expect_err(spec)
+    }
+
+    #[test]
+    fn validate_accepts_good_policies_including_l7() {
+        for spec in [
+            "{}",
+            "{action: DENY, rules: [{}]}",
+            "{action: AUDIT, rules: [{to: [{operation: {ports: ['8080', 9090], notPorts: [1]}}]}]}",
+            "{selector: {matchLabels: {app: web}}, rules: [{from: [{source: {principals: ['spiffe://cluster.local/ns/a/sa/b', 'cluster.local/ns/*'], notNamespaces: [x]}}]}]}",
+            "{rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, '2001:db8::/32', 1.2.3.4, '::/0', '::ffff:0:0/95'], notIpBlocks: ['fd00::1']}}]}]}",
+            // L7: valid, the status says it needs a proxy.
+            "{rules: [{to: [{operation: {methods: [GET], paths: [/x]}}], when: [{key: a, values: [b]}]}]}",
+            "{rules: [{from: [{source: {requestPrincipals: ['*']}}]}]}",
+        ] {
+            let p = pol(&format!("metadata: {{name: p}}\nspec: {spec}\n"));
+            assert_eq!(validate(&p), Ok(()), "{spec}");
+        }
+    }
+
+    #[test]
+    fn validate_rejects_naming_the_field() {
+        let cases = [
+            (
+                "{action: ALOW}",
+                r#"spec.action: "ALOW" is not one of ALLOW, DENY, AUDIT"#,
+            ),
+            (
+                "{action: CUSTOM, rules: [{}]}",
+                r#"spec.action: "CUSTOM" is not one of ALLOW, DENY, AUDIT"#,
+            ),
+            ("{actions: DENY}", "spec.actions: unknown field"),
+            (
+                "{rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, 10.0.0.0/33]}}]}]}",
+                r#"spec.rules[0].from[0].source.ipBlocks[1]: "10.0.0.0/33" is not a CIDR"#,
+            ),
+            (
+                "{rules: [{}, {from: [{source: {notIpBlocks: [nope]}}]}]}",
+                r#"spec.rules[1].from[0].source.notIpBlocks[0]: "nope" is not an IP address or CIDR"#,
+            ),
+            (
+                "{rules: [{from: [{source: {principals: ['spiffe://cluster.local/ns/foo']}}]}]}",
+                r#"spec.rules[0].from[0].source.principals[0]: "spiffe://cluster.local/ns/foo" is not a SPIFFE ID"#,
+            ),
+            (
+                "{rules: [{from: [{source: {namespaces: [Bad_NS]}}]}]}",
+                r#"spec.rules[0].from[0].source.namespaces[0]: "Bad_NS" is not a namespace name"#,
+            ),
+            (
+                "{rules: [{to: [{operation: {ports: [70000]}}]}]}",
+                r#"spec.rules[0].to[0].operation.ports[0]: "70000" is not a port (1-65535)"#,
+            ),
+            (
+                "{rules: [{to: [{operation: {notPorts: ['80a']}}]}]}",
+                r#"spec.rules[0].to[0].operation.notPorts[0]: "80a" is not a port (1-65535)"#,
+            ),
+            ("{rules: [{form: []}]}", "spec.rules[0].form: unknown field"),
+            (
+                "{rules: [{from: [{source: {namespace: [a]}}]}]}",
+                "spec.rules[0].from[0].source.namespace: unknown field",
+            ),
+            (
+                "{rules: [{to: [{operation: {port: [1]}}]}]}",
+                "spec.rules[0].to[0].operation.port: unknown field",
+            ),
+            (
+                "{rules: [{from: []}]}",
+                "spec.rules[0].from: must not be empty",
+            ),
+            ("{rules: [{to: []}]}", "spec.rules[0].to: must not be empty"),
+            (
+                "{rules: [{from: [{}]}]}",
+                "spec.rules[0].from[0].source: missing",
+            ),
+            (
+                "{rules: [{to: [{}]}]}",
+                "spec.rules[0].to[0].operation: missing",
+            ),
+            (
+                "{rules: [{from: [{source: {}}]}]}",
+                "spec.rules[0].from[0].source: must not be empty",
+            ),
+            (
+                "{rules: [{to: [{operation: {}}]}]}",
+                "spec.rules[0].to[0].operation: must not be empty",
+            ),
+            (
+                "{rules: [{from: [{source: {ipBlocks: ['::ffff:10.0.0.0/104']}}]}]}",
+                r#"spec.rules[0].from[0].source.ipBlocks[0]: "::ffff:10.0.0.0/104" is an IPv4-mapped IPv6 block; write the IPv4 form 10.0.0.0/8"#,
+            ),
+            (
+                "{rules: [{from: [{source: {notIpBlocks: [10.0.0.0/8, '::ffff:10.1.2.3']}}]}]}",
+                r#"spec.rules[0].from[0].source.notIpBlocks[1]: "::ffff:10.1.2.3" is an IPv4-mapped IPv6 block; write the IPv4 form 10.1.2.3"#,
+            ),
+            (
+                "{rules: [{from: [{source: {ipBlocks: ['::ffff:0:0/96']}}]}]}",
+                "write the IPv4 form 0.0.0.0/0",
+            ),
+        ];
+        for (spec, want) in cases {
+            let err = invalid(spec);
+            assert!(err.contains(want), "{spec}:\n got {err}\nwant {want}");
+            assert!(
+                !err.contains("matches nothing") && !err.contains("fail-closed"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn validate_reports_every_problem_and_the_action_once() {
+        let err = invalid(
+            "{action: NOPE, extra: 1, rules: [{from: []}, {to: [{operation: {ports: [0]}}]}]}",
+        );
+        assert_eq!(
+            err,
+            r#"spec.action: "NOPE" is not one of ALLOW, DENY, AUDIT; spec.extra: unknown field; spec.rules[0].from: must not be empty (omit it to match every source); spec.rules[1].to[0].operation.ports[0]: "0" is not a port (1-65535)"#
+        );
+    }
+
+    #[test]
+    fn validate_requires_a_name() {
+        for meta in ["{namespace: x}", "{name: '', namespace: x}", "{name: null}"] {
+            let p = pol(&format!("metadata: {meta}\nspec: {{}}\n"));
+            assert_eq!(
+                validate(&p),
+                Err("metadata.name: must not be empty".to_string()),
+                "{meta}"
+            );
+        }
+    }
+
+    #[test]
+    fn validate_agrees_with_rejected_statuses() {
+        // Every policy the tests above call Rejected is invalid, and a valid one has no Rejected rule.
+        for spec in [
+            "{rules: [{from: [{source: {ipBlocks: [x]}}]}, {}]}",
+            "{action: DENY, rules: [{to: [{operation: {ports: [-1]}}]}]}",
+        ] {
+            let p = pol(&format!("metadata: {{name: p}}\nspec: {spec}\n"));
+            assert!(
+                statuses(&p)
+                    .iter()
+                    .any(|s| matches!(s, RuleStatus::Rejected { .. }))
+            );
+            assert!(validate(&p).is_err());
+        }
     }
 
     // ---- Evaluator ----------------------------------------------------------------------------------------------

@@ -19,10 +19,14 @@
 //! [`AuthorizationPolicyStatus`] subresource that says how each rule is enforced. [`validate`] is the stricter
 //! check a source applies before it accepts a policy: it rejects what the evaluator would only mark as rejected.
 
+pub mod compile;
 pub mod eval;
+pub mod live;
 
 use std::collections::BTreeMap;
 use std::fmt;
+
+pub use eval::validate;
 
 use kube::CustomResource;
 use schemars::JsonSchema;

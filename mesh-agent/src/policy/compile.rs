@@ -606,3 +606,334 @@ impl Compiled {
             .and_then(|i| self.dest_classes.get(i as usize))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::eval::evaluate_with_root;
+    use serde_json::json;
+
+    const ROOT: &str = "sinew-system";
+    const TD: &str = "cluster.local";
+
+    fn pod(ns: &str, name: &str, sa: &str, app: &str, ip: &str, node: &str) -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": ns, "name": name, "labels": {"app": app},
+                         "annotations": {"sinew.dev/netns": format!("/run/netns/{name}")}},
+            "spec": {"nodeName": node, "serviceAccountName": sa},
+            "status": {"podIP": ip, "hostIP": if node == "n1" { "192.168.0.1" } else { "192.168.0.2" }, "phase": "Running"}
+        }))
+        .unwrap()
+    }
+
+    fn policy(v: serde_json::Value) -> AuthorizationPolicy {
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// A small deterministic generator (xorshift), so failures reproduce.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+            &xs[(self.next() % xs.len() as u64) as usize]
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.next() % 100 < percent
+        }
+    }
+
+    fn universe() -> Vec<Pod> {
+        vec![
+            pod("a", "a1", "web", "web", "10.0.1.1", "n1"),
+            pod("a", "a2", "db", "db", "10.0.1.2", "n1"),
+            pod("b", "b1", "web", "web", "10.0.2.1", "n2"),
+            pod("b", "b2", "api", "api", "10.0.2.2", "n1"),
+            pod("c", "c1", "default", "web", "fd00::5", "n2"),
+        ]
+    }
+
+    fn random_source(r: &mut Rng) -> serde_json::Value {
+        let mut src = serde_json::Map::new();
+        let principals = [
+            "spiffe://cluster.local/ns/a/sa/web",
+            "cluster.local/ns/b/sa/web",
+            "cluster.local/ns/a/sa/db",
+            "*",
+            "cluster.local/ns/b/*",
+            "*/sa/web",
+        ];
+        let namespaces = ["a", "b", "c", "a*", "*"];
+        let blocks = [
+            "10.0.1.0/24",
+            "10.0.1.1",
+            "10.0.0.0/16",
+            "10.0.2.2/32",
+            "fd00::/64",
+            "203.0.113.0/24",
+            "0.0.0.0/0",
+        ];
+        for (field, values) in [
+            ("principals", &principals[..]),
+            ("notPrincipals", &principals[..]),
+            ("namespaces", &namespaces[..]),
+            ("notNamespaces", &namespaces[..]),
+            ("ipBlocks", &blocks[..]),
+            ("notIpBlocks", &blocks[..]),
+        ] {
+            if r.chance(25) {
+                let n = 1 + r.next() % 2;
+                let vals: Vec<&str> = (0..n).map(|_| *r.pick(values)).collect();
+                src.insert(field.into(), json!(vals));
+            }
+        }
+        if src.is_empty() {
+            src.insert("namespaces".into(), json!([*r.pick(&namespaces)]));
+        }
+        json!({ "source": src })
+    }
+
+    fn random_policy(r: &mut Rng, i: usize) -> AuthorizationPolicy {
+        let ns = *r.pick(&["a", "b", "c", ROOT]);
+        let action = *r.pick(&["ALLOW", "ALLOW", "DENY", "DENY", "AUDIT"]);
+        let mut spec = serde_json::Map::new();
+        spec.insert("action".into(), json!(action));
+        if r.chance(50) {
+            spec.insert(
+                "selector".into(),
+                json!({"matchLabels": {"app": *r.pick(&["web", "db", "api"])}}),
+            );
+        }
+        if !r.chance(10) {
+            let mut rules = Vec::new();
+            for _ in 0..(1 + r.next() % 2) {
+                let mut rule = serde_json::Map::new();
+                if r.chance(70) {
+                    rule.insert("from".into(), json!([random_source(r)]));
+                }
+                if r.chance(60) {
+                    let ports = [80, 443, 8080, 9090];
+                    let mut op = serde_json::Map::new();
+                    let field = if r.chance(70) { "ports" } else { "notPorts" };
+                    op.insert(field.into(), json!([r.pick(&ports).to_string()]));
+                    if r.chance(10) {
+                        op.insert("methods".into(), json!(["GET"]));
+                    }
+                    rule.insert("to".into(), json!([{ "operation": op }]));
+                }
+                rules.push(serde_json::Value::Object(rule));
+            }
+            spec.insert("rules".into(), json!(rules));
+        }
+        policy(json!({
+            "apiVersion": "security.sinew.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"namespace": ns, "name": format!("p{i}")},
+            "spec": spec,
+        }))
+    }
+
+    /// The kernel's answer, emulated from the tables exactly as the programs look them up: server side by the
+    /// source address, client side by the local endpoint of the source pod.
+    fn kernel_allows(c: &Compiled, src_ip: IpAddr, dst_ip: IpAddr, port: u16) -> bool {
+        let d = c
+            .lookup(dst_ip)
+            .map(|(_, s)| s)
+            .unwrap_or(IpSlot::default());
+        let s = c
+            .lookup(src_ip)
+            .map(|(_, s)| s)
+            .unwrap_or(IpSlot::default());
+        c.kernel_verdict(d.dst_class, s.src_class, port).verdict == VERDICT_ALLOW
+    }
+
+    #[test]
+    fn kernel_tables_agree_with_the_reference_evaluator() {
+        let pods = universe();
+        let cookies: BTreeMap<String, u64> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.metadata.key(), 1000 + i as u64))
+            .collect();
+        let outsiders: [IpAddr; 4] = [
+            "10.0.1.77".parse().unwrap(),
+            "203.0.113.9".parse().unwrap(),
+            "198.51.100.1".parse().unwrap(),
+            "fd00::99".parse().unwrap(),
+        ];
+        let mut r = Rng(0x5eed_1234_abcd_0001);
+        let mut checked = 0;
+        for round in 0..150 {
+            let n = 1 + (r.next() % 5) as usize;
+            let policies: Vec<AuthorizationPolicy> =
+                (0..n).map(|i| random_policy(&mut r, i)).collect();
+            let c = compile(&Inputs {
+                policies: &policies,
+                pods: &pods,
+                node: "n1",
+                root_namespace: ROOT,
+                trust_domain: TD,
+                netns_cookies: &cookies,
+            })
+            .unwrap();
+            for dst in &pods {
+                let dst_ip = dst.ips()[0];
+                for port in [80u16, 443, 8080, 9090, 22] {
+                    let mut sources: Vec<(Option<Identity>, IpAddr, Option<&Pod>)> = pods
+                        .iter()
+                        .map(|p| {
+                            (
+                                Some(Identity::new(
+                                    TD,
+                                    &p.metadata.namespace,
+                                    p.service_account(),
+                                )),
+                                p.ips()[0],
+                                Some(p),
+                            )
+                        })
+                        .collect();
+                    sources.extend(outsiders.iter().map(|ip| (None, *ip, None)));
+                    // Node addresses are unauthenticated.
+                    sources.push((None, "192.168.0.2".parse().unwrap(), None));
+                    for (identity, src_ip, src_pod) in sources {
+                        let req = Request {
+                            source: identity,
+                            source_ip: src_ip,
+                            dest_namespace: dst.metadata.namespace.clone(),
+                            dest_labels: dst.metadata.labels.clone(),
+                            dest_port: port,
+                            protocol: Protocol::Tcp,
+                        };
+                        let want = evaluate_with_root(&policies, &req, ROOT).allowed;
+                        let server = kernel_allows(&c, src_ip, dst_ip, port);
+                        assert_eq!(
+                            server,
+                            want,
+                            "round {round}: server side {src_ip} -> {} port {port}\n{}",
+                            dst.metadata.key(),
+                            serde_json::to_string_pretty(&policies).unwrap()
+                        );
+                        // Client side: the local endpoint's class for the destination's family.
+                        if let Some(p) =
+                            src_pod.filter(|p| p.spec.node_name.as_deref() == Some("n1"))
+                        {
+                            let ep = c.local_eps[&cookies[&p.metadata.key()]];
+                            let class = if dst_ip.is_ipv4() {
+                                ep.src_class4
+                            } else {
+                                ep.src_class6
+                            };
+                            if class != CLASS_SKIP {
+                                let d = c.lookup(dst_ip).unwrap().1;
+                                let client = c.kernel_verdict(d.dst_class, class, port).verdict
+                                    == VERDICT_ALLOW;
+                                assert_eq!(
+                                    client,
+                                    want,
+                                    "round {round}: client side {}",
+                                    p.metadata.key()
+                                );
+                            }
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 10_000, "checked {checked}");
+    }
+
+    #[test]
+    fn no_policy_means_nothing_is_enforced() {
+        let pods = universe();
+        let c = compile(&Inputs {
+            policies: &[],
+            pods: &pods,
+            node: "n1",
+            root_namespace: ROOT,
+            trust_domain: TD,
+            netns_cookies: &BTreeMap::new(),
+        })
+        .unwrap();
+        assert!(!c.enabled);
+        assert!(c.verdicts.is_empty());
+        assert!(c.ipcache.values().all(|s| s.dst_class == 0));
+    }
+
+    #[test]
+    fn identities_are_stable_and_distinct() {
+        let a = allocate_identities(["a/web", "b/web", "a/db"]);
+        let b = allocate_identities(["a/db", "a/web", "b/web", "z/new"]);
+        assert_eq!(a["a/web"], b["a/web"]);
+        assert_eq!(a["a/db"], b["a/db"]);
+        assert!(a.values().all(|&id| id >= identity::FIRST_WORKLOAD));
+        let set: BTreeSet<u32> = b.values().copied().collect();
+        assert_eq!(set.len(), 4);
+    }
+
+    #[test]
+    fn prefixes_in_both_families() {
+        let p = Prefix::new("10.1.2.3".parse().unwrap(), 24);
+        assert_eq!(p.to_string(), "10.1.2.0/24");
+        assert_eq!(p.len, 120);
+        assert!(p.contains_addr("10.1.2.200".parse().unwrap()));
+        assert!(!p.contains_addr("10.1.3.1".parse().unwrap()));
+        let v6 = Prefix::new("fd00::1".parse().unwrap(), 64);
+        assert_eq!(v6.to_string(), "fd00::/64");
+        assert!(!v6.contains_addr("10.1.2.3".parse().unwrap()));
+        // The IPv6 root's uncovered address is outside the IPv4-mapped range that the IPv4 root answers for.
+        let [r4, r6] = roots();
+        let ex = uncovered(&r6, &[r4, r6]).unwrap();
+        assert!(ex.is_ipv6() && ex.to_canonical().is_ipv6());
+        // A prefix entirely covered by two halves is never a lookup's answer.
+        let halves = [
+            Prefix::new("10.0.0.0".parse().unwrap(), 25),
+            Prefix::new("10.0.0.128".parse().unwrap(), 25),
+        ];
+        let whole = Prefix::new("10.0.0.0".parse().unwrap(), 24);
+        assert_eq!(uncovered(&whole, &[whole, halves[0], halves[1]]), None);
+    }
+
+    #[test]
+    fn shared_addresses_belong_to_the_node() {
+        let mut pods = universe();
+        // Two host-network pods on the node's address.
+        pods.push(pod("a", "h1", "web", "web", "192.168.0.1", "n1"));
+        pods.push(pod("b", "h2", "api", "api", "192.168.0.1", "n1"));
+        let policies = [policy(json!({
+            "apiVersion": "security.sinew.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"namespace": "a", "name": "only-web"},
+            "spec": {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/a/sa/web"]}}]}]}
+        }))];
+        let c = compile(&Inputs {
+            policies: &policies,
+            pods: &pods,
+            node: "n1",
+            root_namespace: ROOT,
+            trust_domain: TD,
+            netns_cookies: &BTreeMap::new(),
+        })
+        .unwrap();
+        let (_, host) = c.lookup("192.168.0.1".parse().unwrap()).unwrap();
+        assert_eq!(host.identity, identity::HOST);
+        assert_eq!(host.dst_class, 0);
+        // The node is not a/web, even though a host-network pod with that service account is on it.
+        assert!(!kernel_allows(
+            &c,
+            "192.168.0.1".parse().unwrap(),
+            "10.0.1.1".parse().unwrap(),
+            80
+        ));
+        assert!(kernel_allows(
+            &c,
+            "10.0.1.1".parse().unwrap(),
+            "10.0.1.2".parse().unwrap(),
+            80
+        ));
+    }
+}

@@ -1,8 +1,8 @@
 //! The file source: a directory of Kubernetes YAML standing in for the API server on one machine.
 //!
 //! Every `*.yaml` / `*.yml` file directly in the directory is a multi-document YAML stream of `v1 Service`,
-//! `discovery.k8s.io/v1 EndpointSlice` and `v1 Pod` objects (a `v1 List` of them also works, as printed by
-//! `kubectl get -o yaml`).
+//! `discovery.k8s.io/v1 EndpointSlice`, `v1 Pod`, `v1 Namespace` and `security.sinew.dev/v1alpha1
+//! AuthorizationPolicy` objects (a `v1 List` of them also works, as printed by `kubectl get -o yaml`).
 //!
 //! A file is the unit of acceptance, so that a half-edited file can never half-apply: [`FileSource::load`]
 //! accepts a file only if all of it parses and validates, and otherwise keeps the file's last accepted content
@@ -23,6 +23,7 @@ use serde_yaml::Value;
 
 use super::{Object, ObjectKey, Snapshot, SourceError};
 use crate::k8s::{EndpointSlice, Pod, Service};
+use crate::policy::{self, AuthorizationPolicy};
 
 /// What one file yields: all its objects, or every error found in it.
 pub type FileResult = Result<Vec<Object>, Vec<SourceError>>;
@@ -417,6 +418,7 @@ fn to_object(value: Value, origin: Option<(&str, usize)>) -> Result<Object, Stri
     let expected = match kind.as_str() {
         "Service" | "Pod" | "Namespace" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
+        policy::KIND => policy::API_VERSION,
         _ => return Err(format!("unsupported kind {kind} ({api_version})")),
     };
     if api_version != expected {
@@ -428,6 +430,7 @@ fn to_object(value: Value, origin: Option<(&str, usize)>) -> Result<Object, Stri
         "Service" => serde_yaml::from_value(value).map(Object::Service),
         "Pod" => serde_yaml::from_value(value).map(Object::Pod),
         "Namespace" => serde_yaml::from_value(value).map(Object::Namespace),
+        policy::KIND => serde_yaml::from_value(value).map(Object::AuthorizationPolicy),
         _ => serde_yaml::from_value(value).map(Object::EndpointSlice),
     };
     object.map_err(|e| {
@@ -446,6 +449,7 @@ fn error_in_text(text: &str, index: usize, kind: &str) -> Option<String> {
         "Pod" => Pod::deserialize(document).map(drop),
         "EndpointSlice" => EndpointSlice::deserialize(document).map(drop),
         "Namespace" => crate::k8s::Namespace::deserialize(document).map(drop),
+        policy::KIND => AuthorizationPolicy::deserialize(document).map(drop),
         _ => return None,
     };
     result.err().map(|e| e.to_string())
@@ -621,6 +625,94 @@ status:
         assert_eq!(
             snapshot.namespaces[0].metadata.labels["sinew.dev/mesh"],
             "enabled"
+        );
+    }
+
+    fn policy(name: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: security.sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n---\n"
+        )
+    }
+
+    fn policies(snapshot: &Snapshot) -> Vec<String> {
+        snapshot
+            .authorization_policies
+            .iter()
+            .map(|p| format!("{}={}", p.key(), serde_json::to_string(&p.spec).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn reads_authorization_policies() {
+        let text = [
+            policy(
+                "allow-web",
+                "{selector: {matchLabels: {app: web}}, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}], to: [{operation: {ports: ['8080']}}]}]}",
+            ),
+            policy("deny-all", "{}"),
+            svc("web", "10.96.0.10"),
+        ]
+        .concat();
+        let objects = parse_file(Path::new("p.yaml"), &text).unwrap();
+        let keys: Vec<String> = objects.iter().map(|o| o.key().to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "AuthorizationPolicy shop/allow-web",
+                "AuthorizationPolicy shop/deny-all",
+                "Service default/web"
+            ]
+        );
+        let mut snapshot = Snapshot::default();
+        for object in objects {
+            snapshot.push(object);
+        }
+        assert_eq!(snapshot.authorization_policies.len(), 2);
+        let p = &snapshot.authorization_policies[0];
+        assert_eq!(p.spec.rules.len(), 1);
+        assert_eq!(
+            crate::policy::eval::statuses(p),
+            [crate::policy::eval::RuleStatus::KernelEnforced]
+        );
+        assert_eq!(snapshot.services.len(), 1);
+    }
+
+    #[test]
+    fn rejects_bad_authorization_policies_naming_the_field() {
+        let text = [
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: istio, namespace: shop}\nspec: {}\n---\n".to_string(),
+            policy("cidr", "{rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, 10.0.0.0/33]}}]}]}"),
+            policy("action", "{action: ALOW}"),
+            "apiVersion: security.sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: typed, namespace: shop}\nspec:\n  rules: 5\n---\n".to_string(),
+            "apiVersion: security.sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {namespace: shop}\nspec: {}\n---\n".to_string(),
+            policy("l7-is-fine", "{rules: [{to: [{operation: {methods: [GET]}}]}]}"),
+        ]
+        .concat();
+        let errors = parse_errors(&text);
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert_eq!(
+            errors[0],
+            "f.yaml: AuthorizationPolicy shop/istio: unsupported apiVersion security.istio.io/v1 for \
+             AuthorizationPolicy (expected security.sinew.dev/v1alpha1)"
+        );
+        assert_eq!(
+            errors[1],
+            "f.yaml: AuthorizationPolicy shop/cidr: spec.rules[0].from[0].source.ipBlocks[1]: \"10.0.0.0/33\" is not a CIDR"
+        );
+        assert_eq!(
+            errors[2],
+            "f.yaml: AuthorizationPolicy shop/action: spec.action: \"ALOW\" is not one of ALLOW, DENY, AUDIT"
+        );
+        assert!(
+            errors[3]
+                .starts_with("f.yaml: AuthorizationPolicy shop/typed: spec.rules: invalid type"),
+            "{}",
+            errors[3]
+        );
+        assert!(errors[3].ends_with("at line 20 column 10"), "{}", errors[3]);
+        assert_eq!(
+            errors[4],
+            "f.yaml: document 5: metadata.name: must not be empty"
         );
     }
 

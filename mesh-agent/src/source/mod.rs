@@ -17,16 +17,19 @@ use serde::Serialize;
 use crate::k8s::{
     EndpointSlice, IntOrString, Namespace, ObjectMeta, Pod, SERVICE_NAME_LABEL, Service,
 };
+use crate::policy::AuthorizationPolicy;
 
 pub mod file;
 
 /// Every accepted object, in a deterministic order (the file source: by file name, then position in the file).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Snapshot {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub pods: Vec<Pod>,
     pub namespaces: Vec<Namespace>,
+    /// `security.sinew.dev/v1alpha1` policies, each valid ([`crate::policy::validate`]).
+    pub authorization_policies: Vec<AuthorizationPolicy>,
 }
 
 /// One rejected input. The admin endpoint exports these as `sinew_source_rejected{file,object,reason}`.
@@ -42,12 +45,13 @@ pub struct SourceError {
 }
 
 /// One object of a kind we read.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     Pod(Pod),
     Namespace(Namespace),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 /// What makes two objects "the same object": kind, namespace and name, as in the API server.
@@ -65,29 +69,23 @@ impl Object {
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::Pod(_) => "Pod",
             Object::Namespace(_) => "Namespace",
-        }
-    }
-
-    pub fn metadata(&self) -> &ObjectMeta {
-        match self {
-            Object::Service(s) => &s.metadata,
-            Object::EndpointSlice(s) => &s.metadata,
-            Object::Pod(p) => &p.metadata,
-            Object::Namespace(n) => &n.metadata,
+            Object::AuthorizationPolicy(_) => crate::policy::KIND,
         }
     }
 
     pub fn key(&self) -> ObjectKey {
-        let meta = self.metadata();
-        // Namespaces are cluster-scoped: whatever metadata.namespace says is meaningless for them.
-        let namespace = match self {
-            Object::Namespace(_) => String::new(),
-            _ => meta.namespace.clone(),
+        let (namespace, name) = match self {
+            Object::Service(Service { metadata: m, .. })
+            | Object::EndpointSlice(EndpointSlice { metadata: m, .. })
+            | Object::Pod(Pod { metadata: m, .. }) => (m.namespace.clone(), m.name.clone()),
+            // Namespaces are cluster-scoped: whatever metadata.namespace says is meaningless for them.
+            Object::Namespace(n) => (String::new(), n.metadata.name.clone()),
+            Object::AuthorizationPolicy(p) => (p.namespace().to_owned(), p.name().to_owned()),
         };
         ObjectKey {
             kind: self.kind(),
             namespace,
-            name: meta.name.clone(),
+            name,
         }
     }
 
@@ -101,6 +99,7 @@ impl Object {
                 Err("metadata.name: must not be empty".into())
             }
             Object::Namespace(_) => Ok(()),
+            Object::AuthorizationPolicy(p) => crate::policy::validate(p),
         }
     }
 }
@@ -124,6 +123,7 @@ impl Snapshot {
             Object::EndpointSlice(s) => self.endpoint_slices.push(s),
             Object::Pod(p) => self.pods.push(p),
             Object::Namespace(n) => self.namespaces.push(n),
+            Object::AuthorizationPolicy(p) => self.authorization_policies.push(p),
         }
     }
 }

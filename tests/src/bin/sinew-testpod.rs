@@ -5,7 +5,8 @@
 //! the report. Exit status 2 means bad arguments. Every loop is bounded both in iterations and in time.
 //!
 //! ```text
-//! sinew-testpod serve       (--port P | --ports P1,P2,..) --name NAME [--tcp-only|--udp-only] [--lifetime-ms L]
+//! sinew-testpod serve       (--port P | --ports P1,P2,..) --name NAME [--tcp-only|--udp-only] [--v4-only]
+//!                           [--lifetime-ms L]
 //! sinew-testpod tcp-echo    --port P --name NAME            (serve, TCP only)
 //! sinew-testpod udp-echo    --port P --name NAME            (serve, UDP only)
 //! sinew-testpod echo-server --port P [--name NAME]          (serve; name defaults to "echo")
@@ -88,7 +89,7 @@ struct Opts {
 
 impl Opts {
     fn parse(args: &[String]) -> Opts {
-        const FLAGS: [&str; 3] = ["tcp-only", "udp-only", "new-socket-each"];
+        const FLAGS: [&str; 4] = ["tcp-only", "udp-only", "new-socket-each", "v4-only"];
         let mut values = HashMap::new();
         let mut flags = Vec::new();
         let mut it = args.iter();
@@ -211,7 +212,7 @@ fn serve(opts: &Opts, tcp: bool, udp: bool, default_name: Option<&str>) -> io::R
     let mut bound = Vec::new();
     let mut sockets = Vec::new();
     for &port in &ports {
-        let (listener, udp_sock, p) = bind_port(port, tcp, udp)?;
+        let (listener, udp_sock, p) = bind_port(port, tcp, udp, opts.flag("v4-only"))?;
         bound.push(p);
         sockets.push((listener, udp_sock));
     }
@@ -251,11 +252,16 @@ fn bind_port(
     port: u16,
     tcp: bool,
     udp: bool,
+    v4_only: bool,
 ) -> io::Result<(Option<TcpListener>, Option<UdpSocket>, u16)> {
     // Dual-stack wildcard sockets serve IPv4, v4-mapped and IPv6 clients alike; fall back to IPv4-only where IPv6
-    // is disabled.
-    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    // is disabled. `--v4-only`: AF_INET sockets (what a server that never heard of IPv6 binds).
     let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let v6 = if v4_only {
+        v4
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
+    };
     let listener = if tcp {
         Some(TcpListener::bind(v6).or_else(|_| TcpListener::bind(v4))?)
     } else {
@@ -267,8 +273,12 @@ fn bind_port(
     };
     let udp_sock = if udp {
         let p = if bound_port != 0 { bound_port } else { port };
-        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, p));
         let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, p));
+        let v6 = if v4_only {
+            v4
+        } else {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, p))
+        };
         Some(UdpSocket::bind(v6).or_else(|_| UdpSocket::bind(v4))?)
     } else {
         None

@@ -68,29 +68,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => return Ok(()),
         }
     };
-    let report = ebpf::install(&layout, &cfg.cgroup_root)?;
+    let (report, (datapath, plane)) = ebpf::install(&layout, &cfg.cgroup_root, || {
+        let datapath = Arc::new(Mutex::new(Datapath::new(Reconciler::new(Maps::open(
+            &layout,
+        )?)?)));
+        let plane = Arc::new(Mutex::new(PolicyPlane::new(
+            PolicyMaps::open(&layout)?,
+            PolicySettings {
+                node: cfg.node.clone(),
+                root_namespace: cfg.mesh_root_namespace.clone(),
+                trust_domain: cfg.trust_domain.clone(),
+                limits: EventLimits {
+                    per_sec: cfg.policy_events_per_sec,
+                    // A short burst is reported in full; a flood is sampled at the rate.
+                    burst: cfg.policy_events_per_sec.clamp(1, 1000),
+                },
+            },
+        )));
+        presync(&cfg, &datapath, &plane);
+        Ok((datapath, plane))
+    })?;
     info!(
         attached = ?report.attached,
         replaced = ?report.replaced,
         adopted_maps = report.adopted_maps,
         "datapath installed"
     );
-    let datapath = Arc::new(Mutex::new(Datapath::new(Reconciler::new(Maps::open(
-        &layout,
-    )?)?)));
-    let plane = Arc::new(Mutex::new(PolicyPlane::new(
-        PolicyMaps::open(&layout)?,
-        PolicySettings {
-            node: cfg.node.clone(),
-            root_namespace: cfg.mesh_root_namespace.clone(),
-            trust_domain: cfg.trust_domain.clone(),
-            limits: EventLimits {
-                per_sec: cfg.policy_events_per_sec,
-                // A short burst is reported in full; a flood is sampled at the rate.
-                burst: cfg.policy_events_per_sec.clamp(1, 1000),
-            },
-        },
-    )));
     let admin_state = Arc::new(AdminState {
         ready: false.into(),
         metrics: Metrics::new(&cfg.node, datapath.clone(), plane.clone()),
@@ -167,6 +170,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "exiting; programs stay attached and maps stay pinned (`mesh-agent uninstall` removes them)"
     );
     Ok(())
+}
+
+/// One sync before the programs are attached (see `ebpf::install`): on a fresh node the first connection is
+/// already judged by the policies in the source. Errors are only logged here; the loop's first pass repeats the
+/// sync (then a no-op) and reports them properly.
+fn presync(cfg: &Config, datapath: &Mutex<Datapath>, plane: &Mutex<PolicyPlane>) {
+    let (snapshot, errors) = FileSource::new(&cfg.source_dir).load();
+    let desired = state::compute(&snapshot, &cfg.node);
+    if let Err(e) = datapath
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .apply(desired)
+    {
+        warn!(error = %e, "pre-attach sync of services failed; retried after attach");
+    }
+    let rejected = errors
+        .into_iter()
+        .filter(|e| e.object.starts_with(crate::policy::KIND))
+        .collect();
+    let result = plane.lock().unwrap_or_else(|e| e.into_inner()).apply(
+        &snapshot.authorization_policies,
+        &snapshot.pods,
+        rejected,
+    );
+    if let Err(e) = result {
+        warn!(error = %format!("{e:#}"), "pre-attach sync of policies failed; retried after attach");
+    }
 }
 
 /// Compiles and applies the snapshot's policies. On failure the previous policy set stays in force in the

@@ -182,8 +182,15 @@ pub struct InstallReport {
     pub adopted_maps: bool,
 }
 
-/// Loads the object, reuses or creates the pinned maps, and attaches (or swaps in) every program.
-pub fn install(layout: &Layout, cgroup_root: &Path) -> anyhow::Result<InstallReport> {
+/// Loads the object, reuses or creates the pinned maps, runs `prepare`, and attaches (or swaps in) every program.
+///
+/// `prepare` runs once the maps are pinned and before any program is attached, so a first install can fill the
+/// maps (policy above all) before the first connection is judged: no start-up window without policy.
+pub fn install<T>(
+    layout: &Layout,
+    cgroup_root: &Path,
+    prepare: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(InstallReport, T)> {
     check_cgroup2(cgroup_root)?;
     ensure_bpffs(&layout.root)?;
     fs::create_dir_all(layout.maps_dir())
@@ -215,6 +222,7 @@ pub fn install(layout: &Layout, cgroup_root: &Path) -> anyhow::Result<InstallRep
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+    let prepared = prepare()?;
 
     let cgroup = fs::File::open(cgroup_root)
         .with_context(|| format!("opening --cgroup-root {}", cgroup_root.display()))?;
@@ -282,7 +290,7 @@ pub fn install(layout: &Layout, cgroup_root: &Path) -> anyhow::Result<InstallRep
         0,
     )?;
     // Dropping `ebpf` closes our fds; the pins keep the maps and the links (and so the programs) alive.
-    Ok(report)
+    Ok((report, prepared))
 }
 
 /// Swaps `prog` into the pinned link at `pin`: the attachment never goes away, so no connection is ever judged

@@ -226,64 +226,64 @@ pub fn egress_allowed(ctx: &SockAddrContext, dst: &[u8; 16], port: u16, proto: u
     conclude(&st, &j, DIR_EGRESS, proto, ([0; 16], 0), (*dst, port))
 }
 
-/// The first bytes of a packet that policy needs.
+/// Where the transport header is: protocol, offset and IP version. `None`: not IP; an IPv6 packet with extension
+/// headers before the transport header reports protocol [`EXT_HEADERS`]. Two small loads, so that every packet
+/// that is not a TCP SYN or UDP datagram leaves after them.
+#[inline(always)]
+fn transport(ctx: &SkBuffContext) -> Option<(u8, usize, bool)> {
+    let eth = u16::from_be(ctx.skb.protocol() as u16);
+    if eth == ETH_P_IP {
+        let vihl: u8 = ctx.load(0).ok()?;
+        let proto: u8 = ctx.load(9).ok()?;
+        Some((proto, ((vihl & 0x0f) as usize) * 4, false))
+    } else if eth == ETH_P_IPV6 {
+        let next: u8 = ctx.load(6).ok()?;
+        if matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140) {
+            return Some((EXT_HEADERS, 40, true));
+        }
+        Some((next, 40, true))
+    } else {
+        None
+    }
+}
+
+/// Protocol marker for IPv6 extension headers (not a real protocol number we could see otherwise).
+const EXT_HEADERS: u8 = 255;
+
+/// Source and destination addresses.
+#[inline(always)]
+fn addresses(ctx: &SkBuffContext, v6: bool) -> Option<([u8; 16], [u8; 16])> {
+    if v6 {
+        Some((ctx.load(8).ok()?, ctx.load(24).ok()?))
+    } else {
+        let s: u32 = ctx.load(12).ok()?;
+        let d: u32 = ctx.load(16).ok()?;
+        Some((v4_mapped(s), v4_mapped(d)))
+    }
+}
+
+/// A TCP SYN or UDP datagram as policy sees it.
 struct Packet {
     saddr: [u8; 16],
     daddr: [u8; 16],
     proto: u8,
-    /// TCP: SYN without ACK. UDP: always.
-    first: bool,
     sport: u16,
     dport: u16,
 }
 
-/// Parses an IPv4 or IPv6 TCP/UDP packet. `None`: not TCP or UDP, or too short; `Some(Err(()))`: IPv6 with
-/// extension headers before the transport header, whose ports we do not look for.
 #[inline(always)]
-fn parse(ctx: &SkBuffContext) -> Option<Result<Packet, [u8; 16]>> {
-    let eth = u16::from_be(ctx.skb.protocol() as u16);
-    let (saddr, daddr, proto, l4) = if eth == ETH_P_IP {
-        let vihl: u8 = ctx.load(0).ok()?;
-        let proto: u8 = ctx.load(9).ok()?;
-        let s: u32 = ctx.load(12).ok()?;
-        let d: u32 = ctx.load(16).ok()?;
-        (
-            v4_mapped(s),
-            v4_mapped(d),
-            proto,
-            ((vihl & 0x0f) as usize) * 4,
-        )
-    } else if eth == ETH_P_IPV6 {
-        let next: u8 = ctx.load(6).ok()?;
-        let s: [u8; 16] = ctx.load(8).ok()?;
-        let d: [u8; 16] = ctx.load(24).ok()?;
-        if matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140) {
-            return Some(Err(d));
-        }
-        (s, d, next, 40)
-    } else {
-        return None;
-    };
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return None;
-    }
+fn packet(ctx: &SkBuffContext, proto: u8, l4: usize, v6: bool) -> Option<Packet> {
+    let (saddr, daddr) = addresses(ctx, v6)?;
     let ports: u32 = ctx.load(l4).ok()?;
-    let first = if proto == PROTO_TCP {
-        let flags: u8 = ctx.load(l4 + 13).ok()?;
-        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-    } else {
-        true
-    };
     // Two big-endian u16s as read from the wire.
     let b = ports.to_ne_bytes();
-    Some(Ok(Packet {
+    Some(Packet {
         saddr,
         daddr,
         proto,
-        first,
         sport: u16::from_be_bytes([b[0], b[1]]),
         dport: u16::from_be_bytes([b[2], b[3]]),
-    }))
+    })
 }
 
 /// The server-side check (cgroup_skb ingress, at the receiving socket). TCP: only a SYN is judged, every other
@@ -297,23 +297,36 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     if st.enabled == 0 {
         return SKB_PASS;
     }
-    let p = match parse(ctx) {
-        None => return SKB_PASS,
-        Some(Ok(p)) => p,
-        // Fail closed: a workload under policy does not take IPv6 packets whose ports we cannot see.
-        Some(Err(daddr)) => {
-            let d = ip_slot(&daddr, st.epoch & 1);
-            return if d.dst_class & CLASS_ID_MASK == 0 {
-                SKB_PASS
-            } else {
-                bump(counter::DENIED_INGRESS);
-                SKB_DROP
-            };
-        }
+    let Some((proto, l4, v6)) = transport(ctx) else {
+        return SKB_PASS;
     };
-    if !p.first {
+    if proto == EXT_HEADERS {
+        // Fail closed: a workload under policy does not take IPv6 packets whose ports we cannot see.
+        let Some((_, daddr)) = addresses(ctx, v6) else {
+            return SKB_PASS;
+        };
+        let d = ip_slot(&daddr, st.epoch & 1);
+        return if d.dst_class & CLASS_ID_MASK == 0 {
+            SKB_PASS
+        } else {
+            bump(counter::DENIED_INGRESS);
+            SKB_DROP
+        };
+    }
+    if proto == PROTO_TCP {
+        // Only a connection's first segment is judged: everything else passes after this one load.
+        let Ok(flags) = ctx.load::<u8>(l4 + 13) else {
+            return SKB_PASS;
+        };
+        if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+            return SKB_PASS;
+        }
+    } else if proto != PROTO_UDP {
         return SKB_PASS;
     }
+    let Some(p) = packet(ctx, proto, l4, v6) else {
+        return SKB_PASS;
+    };
     let epoch = st.epoch & 1;
     let d = ip_slot(&p.daddr, epoch);
     if d.dst_class & CLASS_ID_MASK == 0 {
@@ -379,12 +392,13 @@ pub fn udp_egress(ctx: &SkBuffContext) {
     if st.enabled == 0 {
         return;
     }
-    let Some(Ok(p)) = parse(ctx) else {
+    // TCP and everything else leave after the protocol load.
+    let Some((PROTO_UDP, l4, v6)) = transport(ctx) else {
         return;
     };
-    if p.proto != PROTO_UDP {
+    let Some(p) = packet(ctx, PROTO_UDP, l4, v6) else {
         return;
-    }
+    };
     // Only workloads whose ingress is filtered need a reply entry.
     let local = ip_slot(&p.saddr, st.epoch & 1);
     if local.dst_class & CLASS_ID_MASK == 0 {

@@ -4,14 +4,15 @@
 //! `discovery.k8s.io/v1 EndpointSlice`, `v1 Pod`, `v1 Namespace` and `security.sinew.dev/v1alpha1
 //! AuthorizationPolicy` objects (a `v1 List` of them also works, as printed by `kubectl get -o yaml`).
 //!
-//! A file is the unit of acceptance, so that a half-edited file can never half-apply: [`FileSource::load`]
-//! accepts a file only if all of it parses and validates, and otherwise keeps the file's last accepted content
-//! in force. Objects defined in two files are resolved in favour of the file that already held them, so
-//! adding a conflicting file never disturbs what is running. [`Watcher`] tells the agent's poll loop when to
-//! call `load` again.
+//! An object is the unit of acceptance, as with `kubectl apply -f`: [`FileSource::load`] applies every object
+//! of a file that parses and validates, and rejects a bad one alone, keeping that object's last accepted version
+//! from the same file in force (a new bad object contributes nothing). A file that cannot be read or split into
+//! YAML documents at all keeps all its last accepted content, since nothing in it can be told apart. Objects
+//! defined in two files are resolved in favour of the file that already held them, so adding a conflicting
+//! file never disturbs what is running. [`Watcher`] tells the agent's poll loop when to call `load` again.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io;
@@ -25,8 +26,78 @@ use super::{Object, ObjectKey, Snapshot, SourceError};
 use crate::k8s::{EndpointSlice, Pod, Service};
 use crate::policy::{self, AuthorizationPolicy};
 
-/// What one file yields: all its objects, or every error found in it.
-pub type FileResult = Result<Vec<Object>, Vec<SourceError>>;
+/// What one file yields: its documents, or, when it cannot be read or split into YAML documents at all, every
+/// error found in it (then the file's last accepted content stays in force as a whole).
+pub type FileResult = Result<ParsedFile, Vec<SourceError>>;
+
+/// A file that could be split into documents: what each object became, in file order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ParsedFile {
+    pub entries: Vec<Entry>,
+    /// Every object that was rejected, each naming the object (or its document) and the field.
+    pub errors: Vec<SourceError>,
+}
+
+/// One object of a file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Entry {
+    /// Parsed and valid.
+    Accepted(Box<Object>),
+    /// Rejected, but its kind, namespace and name could be read: its last accepted version (from this file)
+    /// stays in force.
+    Rejected(ObjectKey),
+    /// Rejected, of a kind this source does not read (a `Deployment`): it cannot be any object that was
+    /// accepted, so it keeps nothing in force.
+    Unsupported,
+    /// Rejected, and not even its identity could be read (no kind or name, a broken `List`): it could be any
+    /// object, so every object the file held before and does not define now stays in force.
+    Unidentified,
+}
+
+impl ParsedFile {
+    /// The objects that were accepted, in file order.
+    pub fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.entries.iter().filter_map(|e| match e {
+            Entry::Accepted(object) => Some(&**object),
+            _ => None,
+        })
+    }
+
+    /// What the file contributes now, given what it contributed before (`previous`): the accepted objects, and
+    /// for each rejected one its previous version, at its place in the file. An object that is accepted once
+    /// is not brought back by a rejected duplicate of it.
+    fn merge(self, previous: &[Object]) -> Vec<Object> {
+        let accepted: BTreeSet<ObjectKey> = self.objects().map(Object::key).collect();
+        let unidentified = self.entries.contains(&Entry::Unidentified);
+        let mut restored = BTreeSet::new();
+        let mut objects = Vec::new();
+        let mut mentioned = accepted.clone();
+        for entry in self.entries {
+            match entry {
+                Entry::Accepted(object) => objects.push(*object),
+                Entry::Rejected(key) => {
+                    let old = previous.iter().find(|o| o.key() == key);
+                    if let Some(old) = old.filter(|_| !accepted.contains(&key)) {
+                        if restored.insert(key.clone()) {
+                            objects.push(old.clone());
+                        }
+                    }
+                    mentioned.insert(key);
+                }
+                Entry::Unsupported | Entry::Unidentified => {}
+            }
+        }
+        if unidentified {
+            objects.extend(
+                previous
+                    .iter()
+                    .filter(|o| !mentioned.contains(&o.key()))
+                    .cloned(),
+            );
+        }
+        objects
+    }
+}
 
 /// The file source. It remembers the last accepted content of every file between loads.
 #[derive(Debug)]
@@ -41,12 +112,6 @@ pub struct FileSource {
 pub struct Watcher {
     dir: PathBuf,
     last: Option<u64>,
-}
-
-/// A file's content during a load: fresh from disk, or its last accepted content after a rejection.
-struct Content {
-    objects: Vec<Object>,
-    fresh: bool,
 }
 
 impl FileSource {
@@ -69,11 +134,13 @@ impl FileSource {
 
     /// Reads the directory again and returns the objects now in force, with everything that is rejected.
     ///
-    /// A file that parses and validates replaces its previous content; a file that fails keeps its last
-    /// accepted content (a new bad file contributes nothing); a deleted file's objects go away. An object in
-    /// two files stays with the file that held it before, or else with the file whose name sorts first; the
-    /// other file is rejected as a whole. Errors are returned on every call for as long as a file is
-    /// rejected. If the directory itself cannot be read, everything accepted so far stays in force.
+    /// Each object that parses and validates replaces its previous version; one that fails keeps its last
+    /// version accepted from the same file (a new bad object contributes nothing); an object no longer in its
+    /// file goes away, and so do a deleted file's objects. A file that cannot be read or split into YAML
+    /// documents keeps all its last accepted content. An object in two files stays with the file that held it
+    /// before, or else with the file whose name sorts first; the other file's copy is rejected (alone). Errors
+    /// are returned on every call for as long as the input is bad. If the directory itself cannot be read,
+    /// everything accepted so far stays in force.
     pub fn load(&mut self) -> (Snapshot, Vec<SourceError>) {
         let files = match read_dir(&self.dir) {
             Ok(files) => files,
@@ -82,108 +149,81 @@ impl FileSource {
         let mut errors = Vec::new();
         let mut current = BTreeMap::new();
         for (path, result) in files {
-            match result {
-                Ok(objects) => {
-                    current.insert(
-                        path,
-                        Content {
-                            objects,
-                            fresh: true,
-                        },
-                    );
+            let previous = self.last_good.get(&path).map_or(&[][..], Vec::as_slice);
+            let objects = match result {
+                Ok(parsed) => {
+                    errors.extend(parsed.errors.iter().cloned());
+                    parsed.merge(previous)
                 }
                 Err(file_errors) => {
                     errors.extend(file_errors);
-                    self.keep_last_good(&mut current, path);
+                    previous.to_vec()
                 }
+            };
+            if !objects.is_empty() {
+                current.insert(path, objects);
             }
         }
         self.resolve_duplicates(&mut current, &mut errors);
         // Stable sort: a file's errors stay in document order.
         errors.sort_by(|a, b| a.file.cmp(&b.file));
-        self.last_good = current
-            .into_iter()
-            .map(|(path, content)| (path, content.objects))
-            .collect();
+        self.last_good = current;
         (self.snapshot(), errors)
     }
 
-    /// Puts a rejected file's last accepted content (if it has any) back into `current`.
-    fn keep_last_good(&self, current: &mut BTreeMap<PathBuf, Content>, path: PathBuf) {
-        match self.last_good.get(&path) {
-            Some(objects) => {
-                let objects = objects.clone();
-                current.insert(
-                    path,
-                    Content {
-                        objects,
-                        fresh: false,
-                    },
-                );
-            }
-            None => {
-                current.remove(&path);
-            }
-        }
-    }
-
-    /// Rejects files until no object is defined twice.
+    /// Keeps each object defined in several files in one of them: the file that held it before, or else the
+    /// file whose name sorts first. The other copies are rejected, one object at a time.
     ///
-    /// Each round reverts every losing file to its last accepted content. Terminates because a loser is
-    /// always fresh: last accepted contents never conflict with each other (the accepted state has no
-    /// duplicates), and against a fresh file they win, since they held the object before. Should that ever
-    /// not hold, a losing file that is already reverted is dropped instead, which still makes progress.
+    /// One pass is enough: a losing copy never had an accepted version in its file (the accepted state has no
+    /// duplicates, and a file that held the object before wins), so rejecting it restores nothing that could
+    /// conflict again.
     fn resolve_duplicates(
         &self,
-        current: &mut BTreeMap<PathBuf, Content>,
+        current: &mut BTreeMap<PathBuf, Vec<Object>>,
         errors: &mut Vec<SourceError>,
     ) {
-        loop {
-            let mut holders: BTreeMap<ObjectKey, Vec<&PathBuf>> = BTreeMap::new();
-            for (path, content) in current.iter() {
-                for object in &content.objects {
-                    holders.entry(object.key()).or_default().push(path);
-                }
+        let mut holders: BTreeMap<ObjectKey, Vec<&PathBuf>> = BTreeMap::new();
+        for (path, objects) in current.iter() {
+            for object in objects {
+                holders.entry(object.key()).or_default().push(path);
             }
-            // loser file -> (object, winner file)
-            let mut losers: BTreeMap<PathBuf, Vec<(ObjectKey, PathBuf)>> = BTreeMap::new();
-            for (key, files) in holders.into_iter().filter(|(_, f)| f.len() > 1) {
-                let held_before = |path: &PathBuf| {
-                    self.last_good
-                        .get(path)
-                        .is_some_and(|objects| objects.iter().any(|o| o.key() == key))
-                };
-                // `files` is in name order, so the fallback is the file that sorts first.
-                let winner = files
-                    .iter()
-                    .copied()
-                    .find(|p| held_before(p))
-                    .unwrap_or(files[0]);
-                for file in files.iter().copied().filter(|&f| f != winner) {
-                    losers
-                        .entry(file.clone())
-                        .or_default()
-                        .push((key.clone(), winner.clone()));
-                }
+        }
+        // loser file -> (object, winner file)
+        let mut losers: BTreeMap<PathBuf, Vec<(ObjectKey, PathBuf)>> = BTreeMap::new();
+        for (key, files) in holders.into_iter().filter(|(_, f)| f.len() > 1) {
+            let held_before = |path: &PathBuf| {
+                self.last_good
+                    .get(path)
+                    .is_some_and(|objects| objects.iter().any(|o| o.key() == key))
+            };
+            // `files` is in name order, so the fallback is the file that sorts first.
+            let winner = files
+                .iter()
+                .copied()
+                .find(|p| held_before(p))
+                .unwrap_or(files[0]);
+            for file in files.iter().copied().filter(|&f| f != winner) {
+                losers
+                    .entry(file.clone())
+                    .or_default()
+                    .push((key.clone(), winner.clone()));
             }
-            if losers.is_empty() {
-                return;
+        }
+        for (path, duplicates) in losers {
+            for (key, winner) in &duplicates {
+                let winner = winner.file_name().map_or_else(
+                    || winner.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+                errors.push(SourceError {
+                    file: path.clone(),
+                    object: key.to_string(),
+                    reason: format!("duplicate (also in {winner})"),
+                });
             }
-            for (path, duplicates) in losers {
-                for (key, winner) in duplicates {
-                    let winner = winner.file_name().map_or_else(
-                        || winner.display().to_string(),
-                        |n| n.to_string_lossy().into_owned(),
-                    );
-                    errors.push(SourceError {
-                        file: path.clone(),
-                        object: key.to_string(),
-                        reason: format!("duplicate (also in {winner})"),
-                    });
-                }
-                if current.get(&path).is_some_and(|c| c.fresh) {
-                    self.keep_last_good(current, path);
-                } else {
+            if let Some(objects) = current.get_mut(&path) {
+                objects.retain(|o| !duplicates.iter().any(|(key, _)| *key == o.key()));
+                if objects.is_empty() {
                     current.remove(&path);
                 }
             }
@@ -242,18 +282,18 @@ pub fn read_file(path: &Path) -> Option<FileResult> {
 /// Parses a file's text: a stream of YAML documents, each an object or a `v1 List` of objects. Empty
 /// documents are skipped. `path` is only used to name the file in errors.
 ///
-/// Returns every object, or every error: a YAML syntax error ends the stream (the parser cannot resynchronise
-/// after one), but objects that fail to convert or validate are all reported.
+/// Every object is converted and validated on its own, and every rejection is reported. A YAML syntax error
+/// ends the stream (the parser cannot resynchronise after one), so then the file as a whole is an error.
 pub fn parse_file(path: &Path, text: &str) -> FileResult {
-    let mut objects = Vec::new();
-    let mut errors = Vec::new();
+    let mut parsed = ParsedFile::default();
     let mut error = |object: String, reason: String| {
-        errors.push(SourceError {
+        parsed.errors.push(SourceError {
             file: path.to_owned(),
             object,
             reason,
         })
     };
+    let mut entries = Vec::new();
     // Where each object was first seen, to name it in a duplicate error.
     let mut seen: HashMap<ObjectKey, String> = HashMap::new();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -262,17 +302,20 @@ pub fn parse_file(path: &Path, text: &str) -> FileResult {
             Ok(value) => value,
             Err(e) => {
                 error(place, e.to_string());
-                break;
+                return Err(parsed.errors);
             }
         };
         if let Err(e) = value.apply_merge() {
-            error(place, e.to_string());
+            let name = describe(&value).unwrap_or_else(|| place.clone());
+            error(name, e.to_string());
+            entries.push(identify(&value));
             continue;
         }
         let items = match split_list(value) {
             Ok(items) => items,
             Err(reason) => {
                 error(place, reason);
+                entries.push(Entry::Unidentified);
                 continue;
             }
         };
@@ -282,32 +325,39 @@ pub fn parse_file(path: &Path, text: &str) -> FileResult {
                 None => place.clone(),
             };
             let name = describe(&value).unwrap_or_else(|| place.clone());
+            let identity = identify(&value);
+            if item.is_some() && value.get("kind").and_then(Value::as_str) == Some("List") {
+                error(name, "a List inside a List is not supported".to_owned());
+                entries.push(Entry::Unidentified);
+                continue;
+            }
             let origin = item.is_none().then_some((text, i));
             let object = match to_object(value, origin) {
                 Ok(object) => object,
                 Err(reason) => {
                     error(name, reason);
+                    entries.push(identity);
                     continue;
                 }
             };
             if let Err(reason) = object.validate() {
                 error(name, reason);
+                // From the document, not the object: a missing name must not read as the name "".
+                entries.push(identity);
                 continue;
             }
             let key = object.key();
             if let Some(first) = seen.get(&key) {
                 error(name, format!("duplicate (also {first} of this file)"));
+                entries.push(Entry::Rejected(key));
                 continue;
             }
             seen.insert(key, place);
-            objects.push(object);
+            entries.push(Entry::Accepted(Box::new(object)));
         }
     }
-    if errors.is_empty() {
-        Ok(objects)
-    } else {
-        Err(errors)
-    }
+    parsed.entries = entries;
+    Ok(parsed)
 }
 
 /// A hash of the names, metadata and contents of the YAML files in `dir`. It changes when any of them is
@@ -374,12 +424,6 @@ fn split_list(value: Value) -> Result<Vec<(Option<usize>, Value)>, String> {
         Some(Value::Sequence(items)) => items.clone(),
         Some(_) => return Err("items is not a list".to_owned()),
     };
-    let nested = items
-        .iter()
-        .position(|i| i.get("kind").and_then(Value::as_str) == Some("List"));
-    if let Some(j) = nested {
-        return Err(format!("items[{j}]: a List inside a List is not supported"));
-    }
     Ok(items
         .into_iter()
         .enumerate()
@@ -387,16 +431,53 @@ fn split_list(value: Value) -> Result<Vec<(Option<usize>, Value)>, String> {
         .collect())
 }
 
-/// `Service default/web` for a document that says what it is, even when it does not convert.
-fn describe(value: &Value) -> Option<String> {
+/// The kind, namespace and name a document says it has, even when it does not convert; the namespace as the
+/// object's [`ObjectKey`] would have it (`default` when absent, none for a cluster-scoped Namespace).
+fn claimed_identity(value: &Value) -> Option<(&str, String, &str)> {
     let kind = value.get("kind")?.as_str()?;
     let meta = value.get("metadata")?;
-    let name = meta.get("name")?.as_str()?;
-    let namespace = meta
-        .get("namespace")
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    Some(format!("{kind} {namespace}/{name}"))
+    let name = meta.get("name")?.as_str().filter(|n| !n.is_empty())?;
+    let namespace = match meta.get("namespace") {
+        None | Some(Value::Null) => "default",
+        Some(ns) => ns.as_str()?,
+    };
+    let namespace = match kind {
+        "Namespace" => "",
+        // The policy type reads an empty namespace as `default` too.
+        policy::KIND if namespace.is_empty() => "default",
+        _ => namespace,
+    };
+    Some((kind, namespace.to_owned(), name))
+}
+
+/// `Service default/web` for a document that says what it is, even when it does not convert.
+fn describe(value: &Value) -> Option<String> {
+    let (kind, namespace, name) = claimed_identity(value)?;
+    Some(if namespace.is_empty() {
+        format!("{kind} {name}")
+    } else {
+        format!("{kind} {namespace}/{name}")
+    })
+}
+
+/// What a rejected document stands for: the object it says it is, if that can be read.
+fn identify(value: &Value) -> Entry {
+    let Some((kind, namespace, name)) = claimed_identity(value) else {
+        return Entry::Unidentified;
+    };
+    let kind = match kind {
+        "Service" => "Service",
+        "EndpointSlice" => "EndpointSlice",
+        "Pod" => "Pod",
+        "Namespace" => "Namespace",
+        policy::KIND => policy::KIND,
+        _ => return Entry::Unsupported,
+    };
+    Entry::Rejected(ObjectKey {
+        kind,
+        namespace,
+        name: name.to_owned(),
+    })
 }
 
 /// Converts a document to the object its `apiVersion` and `kind` say it is. `origin` is the file's text and
@@ -588,7 +669,7 @@ status:
 
     #[test]
     fn parses_a_realistic_stream() {
-        let objects = parse_file(Path::new("demo.yaml"), REALISTIC).unwrap();
+        let objects = parse_ok(Path::new("demo.yaml"), REALISTIC);
         let keys: Vec<String> = objects.iter().map(|o| o.key().to_string()).collect();
         assert_eq!(
             keys,
@@ -618,7 +699,7 @@ status:
     #[test]
     fn namespaces_are_read_and_cluster_scoped() {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {sinew.dev/mesh: enabled}\n";
-        let objects = parse_file(Path::new("ns.yaml"), text).unwrap();
+        let objects = parse_ok(Path::new("ns.yaml"), text);
         assert_eq!(objects[0].key().to_string(), "Namespace shop");
         let mut snapshot = Snapshot::default();
         snapshot.push(objects[0].clone());
@@ -653,7 +734,7 @@ status:
             svc("web", "10.96.0.10"),
         ]
         .concat();
-        let objects = parse_file(Path::new("p.yaml"), &text).unwrap();
+        let objects = parse_ok(Path::new("p.yaml"), &text);
         let keys: Vec<String> = objects.iter().map(|o| o.key().to_string()).collect();
         assert_eq!(
             keys,
@@ -721,14 +802,25 @@ status:
         for text in ["", "# nothing\n", "---\n---\n", "---\n# c\n...\n"] {
             assert_eq!(
                 parse_file(Path::new("e.yaml"), text),
-                Ok(vec![]),
+                Ok(ParsedFile::default()),
                 "{text:?}"
             );
         }
     }
 
+    /// The objects of a file that must have no error.
+    fn parse_ok(path: &Path, text: &str) -> Vec<Object> {
+        let parsed = parse_file(path, text).unwrap();
+        assert_eq!(parsed.errors, []);
+        parsed.objects().cloned().collect()
+    }
+
+    /// The errors of `/d/f.yaml` with this text, whether the file splits into documents or not.
     fn parse_errors(text: &str) -> Vec<String> {
-        messages(&parse_file(Path::new("/d/f.yaml"), text).unwrap_err())
+        match parse_file(Path::new("/d/f.yaml"), text) {
+            Ok(parsed) => messages(&parsed.errors),
+            Err(errors) => messages(&errors),
+        }
     }
 
     #[test]
@@ -833,13 +925,13 @@ status:
         let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n---\n";
         let other_ns = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: b}\n";
         let text = [svc("a", "10.96.0.1"), pod.into(), other_ns.into()].concat();
-        assert_eq!(parse_file(Path::new("f.yaml"), &text).unwrap().len(), 3);
+        assert_eq!(parse_ok(Path::new("f.yaml"), &text).len(), 3);
     }
 
     #[test]
     fn list_kind_is_flattened() {
         let text = "apiVersion: v1\nkind: List\nitems:\n  - apiVersion: v1\n    kind: Service\n    metadata: {name: a}\n  - apiVersion: v1\n    kind: Pod\n    metadata: {name: p}\n---\napiVersion: v1\nkind: List\nitems: []\n";
-        let objects = parse_file(Path::new("l.yaml"), text).unwrap();
+        let objects = parse_ok(Path::new("l.yaml"), text);
         assert_eq!(objects.len(), 2);
         let errors = parse_errors(
             "apiVersion: v1\nkind: List\nitems:\n  - apiVersion: v1\n    kind: Service\n    metadata: {name: a}\n  - {apiVersion: v1, kind: Service, spec: {}}\n",
@@ -852,14 +944,14 @@ status:
             parse_errors("apiVersion: v1\nkind: List\nitems: [{apiVersion: v1, kind: List}]\n");
         assert_eq!(
             errors,
-            ["f.yaml: document 1: items[0]: a List inside a List is not supported"]
+            ["f.yaml: document 1 items[0]: a List inside a List is not supported"]
         );
     }
 
     #[test]
     fn yaml_merge_keys_are_applied() {
         let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports:\n    - &base {port: 80, protocol: UDP}\n    - <<: *base\n      name: b\n      port: 81\n";
-        let objects = parse_file(Path::new("m.yaml"), text).unwrap();
+        let objects = parse_ok(Path::new("m.yaml"), text);
         let Object::Service(s) = &objects[0] else {
             panic!()
         };
@@ -882,37 +974,320 @@ status:
     }
 
     #[test]
-    fn a_bad_file_keeps_its_last_good_content() {
+    fn a_bad_object_is_rejected_alone() {
         let dir = TempDir::new();
         let mut source = FileSource::new(&dir.0);
-        dir.write("a.yaml", &svc("a", "10.96.0.1"));
-        dir.write("b.yaml", &svc("b", "10.96.0.2"));
-        let (snapshot, errors) = source.load();
-        assert_eq!((names(&snapshot).len(), errors.len()), (2, 0));
-
-        // One bad object rejects all of a.yaml, including its good edit; b.yaml changes normally.
         dir.write(
             "a.yaml",
-            &[svc("a", "10.96.0.11"), svc("a2", "bad")].concat(),
+            &[svc("a", "10.96.0.1"), svc("c", "10.96.0.3")].concat(),
+        );
+        dir.write("b.yaml", &svc("b", "10.96.0.2"));
+        let (snapshot, errors) = source.load();
+        assert_eq!((names(&snapshot).len(), errors.len()), (3, 0));
+
+        // In a.yaml, `a`'s good edit is applied, `c` goes bad and keeps its last accepted version, and the
+        // new `a2` is bad and contributes nothing; b.yaml changes normally.
+        dir.write(
+            "a.yaml",
+            &[
+                svc("a", "10.96.0.11"),
+                svc("a2", "bad"),
+                svc("c", "10.96.0.333"),
+            ]
+            .concat(),
         );
         dir.write("b.yaml", &svc("b", "10.96.0.22"));
         let (snapshot, errors) = source.load();
-        assert_eq!(names(&snapshot), ["a=10.96.0.1", "b=10.96.0.22"]);
+        assert_eq!(
+            names(&snapshot),
+            ["a=10.96.0.11", "c=10.96.0.3", "b=10.96.0.22"]
+        );
         assert_eq!(
             messages(&errors),
-            ["a.yaml: Service default/a2: spec.clusterIP: \"bad\" is not an IP address"]
+            [
+                "a.yaml: Service default/a2: spec.clusterIP: \"bad\" is not an IP address",
+                "a.yaml: Service default/c: spec.clusterIP: \"10.96.0.333\" is not an IP address",
+            ]
         );
 
-        // Rejected again on every load while it stays bad, still with the old content in force.
+        // Rejected again on every load while it stays bad, still with the old version in force.
         let (snapshot, errors) = source.load();
-        assert_eq!(names(&snapshot), ["a=10.96.0.1", "b=10.96.0.22"]);
-        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            names(&snapshot),
+            ["a=10.96.0.11", "c=10.96.0.3", "b=10.96.0.22"]
+        );
+        assert_eq!(errors.len(), 2);
 
-        // Fixed: accepted.
-        dir.write("a.yaml", &svc("a", "10.96.0.111"));
+        // Fixed: accepted. An object no longer in the file goes away.
+        dir.write(
+            "a.yaml",
+            &[svc("a", "10.96.0.111"), svc("c", "10.96.0.33")].concat(),
+        );
         let (snapshot, errors) = source.load();
-        assert_eq!(names(&snapshot), ["a=10.96.0.111", "b=10.96.0.22"]);
+        assert_eq!(
+            names(&snapshot),
+            ["a=10.96.0.111", "c=10.96.0.33", "b=10.96.0.22"]
+        );
         assert_eq!(errors, []);
+        dir.write("a.yaml", &svc("c", "10.96.0.33"));
+        assert_eq!(names(&source.load().0), ["c=10.96.0.33", "b=10.96.0.22"]);
+    }
+
+    #[test]
+    fn a_duplicate_inside_a_file_does_not_bring_back_the_old_version() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write("a.yaml", &svc("a", "10.96.0.1"));
+        source.load();
+        dir.write(
+            "a.yaml",
+            &[svc("a", "10.96.0.2"), svc("a", "10.96.0.3")].concat(),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["a=10.96.0.2"]);
+        assert_eq!(
+            messages(&errors),
+            ["a.yaml: Service default/a: duplicate (also document 1 of this file)"]
+        );
+    }
+
+    #[test]
+    fn a_file_that_does_not_split_into_documents_keeps_all_its_content() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write(
+            "a.yaml",
+            &[svc("a", "10.96.0.1"), svc("b", "10.96.0.2")].concat(),
+        );
+        source.load();
+        // A syntax error: not even the good edit before it is applied, and `b` is not deleted.
+        dir.write(
+            "a.yaml",
+            &[svc("a", "10.96.0.11"), "kind: [\n".into()].concat(),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["a=10.96.0.1", "b=10.96.0.2"]);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].object, "document 2");
+    }
+
+    #[test]
+    fn an_unidentifiable_bad_document_keeps_what_it_could_have_been() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write(
+            "a.yaml",
+            &[
+                svc("a", "10.96.0.1"),
+                svc("b", "10.96.0.2"),
+                svc("c", "10.96.0.3"),
+            ]
+            .concat(),
+        );
+        source.load();
+        // `b` lost its name: it could be any object, so objects of a.yaml that are not in it any more stay.
+        dir.write(
+            "a.yaml",
+            &[
+                svc("a", "10.96.0.11"),
+                "apiVersion: v1\nkind: Service\nmetadata: {namespace: default}\n---\n".into(),
+            ]
+            .concat(),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(
+            names(&snapshot),
+            ["a=10.96.0.11", "b=10.96.0.2", "c=10.96.0.3"]
+        );
+        assert_eq!(
+            messages(&errors),
+            ["a.yaml: document 2: metadata.name is empty"]
+        );
+        // A bad object of a kind we do not read cannot be any of ours: deletions go through beside it.
+        dir.write(
+            "a.yaml",
+            &[
+                svc("a", "10.96.0.11"),
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n".into(),
+            ]
+            .concat(),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["a=10.96.0.11"]);
+        assert_eq!(
+            messages(&errors),
+            ["a.yaml: Deployment default/web: unsupported kind Deployment (apps/v1)"]
+        );
+    }
+
+    #[test]
+    fn a_rejected_object_keeps_its_version_from_the_same_file_only() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write("a.yaml", &svc("web", "10.96.0.1"));
+        source.load();
+        // web moves to b.yaml, broken: its old version was in a.yaml, not b.yaml, so nothing stays.
+        dir.write("a.yaml", "");
+        dir.write("b.yaml", &svc("web", "bad"));
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), Vec::<String>::new());
+        assert_eq!(errors.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_item_of_a_list_keeps_its_last_version() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        let list = |a: &str, b: &str| {
+            format!(
+                "apiVersion: v1\nkind: List\nitems:\n- {{apiVersion: v1, kind: Service, metadata: {{name: a}}, spec: {{clusterIP: {a}}}}}\n- {{apiVersion: v1, kind: Service, metadata: {{name: b}}, spec: {{clusterIP: {b}}}}}\n- {{apiVersion: v1, kind: List}}\n"
+            )
+        };
+        dir.write(
+            "l.yaml",
+            &list("10.96.0.1", "10.96.0.2").replace("- {apiVersion: v1, kind: List}\n", ""),
+        );
+        source.load();
+        dir.write("l.yaml", &list("10.96.0.11", "x"));
+        let (snapshot, errors) = source.load();
+        assert_eq!(names(&snapshot), ["a=10.96.0.11", "b=10.96.0.2"]);
+        assert_eq!(
+            messages(&errors),
+            [
+                "l.yaml: Service default/b: spec.clusterIP: \"x\" is not an IP address",
+                "l.yaml: document 1 items[2]: a List inside a List is not supported",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_policy_beside_a_good_one_is_rejected_alone() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write(
+            "policies.yaml",
+            &[
+                policy(
+                    "good",
+                    "{action: DENY, rules: [{to: [{operation: {ports: ['22']}}]}]}",
+                ),
+                policy(
+                    "bad",
+                    "{rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, 10.0.0.0/33]}}]}]}",
+                ),
+                svc("web", "10.96.0.10"),
+            ]
+            .concat(),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(
+            policies(&snapshot),
+            [r#"shop/good={"action":"DENY","rules":[{"to":[{"operation":{"ports":["22"]}}]}]}"#]
+        );
+        assert_eq!(names(&snapshot), ["web=10.96.0.10"]);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].file, dir.0.join("policies.yaml"));
+        assert_eq!(errors[0].object, "AuthorizationPolicy shop/bad");
+        assert_eq!(
+            errors[0].reason,
+            "spec.rules[0].from[0].source.ipBlocks[1]: \"10.0.0.0/33\" is not a CIDR"
+        );
+    }
+
+    #[test]
+    fn a_policy_edited_into_a_bad_one_keeps_its_old_version() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        let good = policy("p", "{rules: [{from: [{source: {namespaces: [foo]}}]}]}");
+        dir.write("p.yaml", &[good.clone(), policy("other", "{}")].concat());
+        source.load();
+        let before = policies(&source.snapshot());
+        assert_eq!(before.len(), 2);
+
+        // The edit has a typo in the action and a bad port: the old `p` stays in force, `other` is edited.
+        dir.write(
+            "p.yaml",
+            &[
+                policy(
+                    "p",
+                    "{action: DENNY, rules: [{to: [{operation: {ports: [70000]}}]}]}",
+                ),
+                policy("other", "{action: DENY, rules: [{}]}"),
+            ]
+            .concat(),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(
+            policies(&snapshot),
+            [
+                before[0].clone(),
+                r#"shop/other={"action":"DENY","rules":[{}]}"#.to_string()
+            ]
+        );
+        assert_eq!(
+            messages(&errors),
+            [
+                "p.yaml: AuthorizationPolicy shop/p: spec.action: \"DENNY\" is not one of ALLOW, DENY, AUDIT; \
+                 spec.rules[0].to[0].operation.ports[0]: \"70000\" is not a port (1-65535)"
+            ]
+        );
+        // A wrong apiVersion is a bad version of the same object too.
+        dir.write(
+            "p.yaml",
+            &[
+                good.replace("security.sinew.dev/v1alpha1", "security.istio.io/v1"),
+                policy("other", "{action: DENY, rules: [{}]}"),
+            ]
+            .concat(),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(policies(&snapshot)[0], before[0]);
+        assert_eq!(
+            messages(&errors),
+            [
+                "p.yaml: AuthorizationPolicy shop/p: unsupported apiVersion security.istio.io/v1 for \
+                 AuthorizationPolicy (expected security.sinew.dev/v1alpha1)"
+            ]
+        );
+        // Fixed: the new version is applied.
+        dir.write("p.yaml", &policy("p", "{action: DENY, rules: [{}]}"));
+        let (snapshot, errors) = source.load();
+        assert_eq!(errors, []);
+        assert_eq!(
+            policies(&snapshot),
+            [r#"shop/p={"action":"DENY","rules":[{}]}"#]
+        );
+    }
+
+    #[test]
+    fn a_new_bad_policy_contributes_nothing() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write("a.yaml", &policy("kept", "{}"));
+        source.load();
+        dir.write(
+            "a.yaml",
+            &[policy("kept", "{}"), policy("new", "{rules: [{from: []}]}")].concat(),
+        );
+        dir.write(
+            "b.yaml",
+            &policy(
+                "also-new",
+                "{selector: {matchLabels: {app: web}}, extra: 1}",
+            ),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(
+            policies(&snapshot),
+            ["shop/kept={\"action\":\"ALLOW\",\"rules\":[]}"]
+        );
+        assert_eq!(
+            messages(&errors),
+            [
+                "a.yaml: AuthorizationPolicy shop/new: spec.rules[0].from: must not be empty (omit it to match every source)",
+                "b.yaml: AuthorizationPolicy shop/also-new: spec.extra: unknown field",
+            ]
+        );
     }
 
     #[test]
@@ -960,8 +1335,8 @@ status:
             &[svc("web", "10.96.0.2"), svc("other", "10.96.0.3")].concat(),
         );
         let (snapshot, errors) = source.load();
-        // b.yaml is rejected as a whole, so `other` is not in force either.
-        assert_eq!(names(&snapshot), ["web=10.96.0.1"]);
+        // Only b.yaml's copy of web is rejected: `other` is in force.
+        assert_eq!(names(&snapshot), ["web=10.96.0.1", "other=10.96.0.3"]);
         assert_eq!(
             messages(&errors),
             ["b.yaml: Service default/web: duplicate (also in a.yaml)"]
@@ -974,13 +1349,13 @@ status:
         let mut source = FileSource::new(&dir.0);
         dir.write("b.yaml", &svc("web", "10.96.0.2"));
         source.load();
-        // a.yaml sorts first, but b.yaml already holds web: a.yaml is the one rejected.
+        // a.yaml sorts first, but b.yaml already holds web: a.yaml's copy is the one rejected.
         dir.write(
             "a.yaml",
             &[svc("web", "10.96.0.1"), svc("extra", "10.96.0.4")].concat(),
         );
         let (snapshot, errors) = source.load();
-        assert_eq!(names(&snapshot), ["web=10.96.0.2"]);
+        assert_eq!(names(&snapshot), ["extra=10.96.0.4", "web=10.96.0.2"]);
         assert_eq!(
             messages(&errors),
             ["a.yaml: Service default/web: duplicate (also in b.yaml)"]
@@ -1013,13 +1388,13 @@ status:
     }
 
     #[test]
-    fn duplicate_rejection_cascades_until_stable() {
+    fn duplicates_across_files_are_rejected_one_object_at_a_time() {
         let dir = TempDir::new();
         let mut source = FileSource::new(&dir.0);
         dir.write("b.yaml", &svc("x", "10.96.0.1"));
         source.load();
-        // b.yaml now also defines y, which a.yaml (sorting first) defines too: b.yaml's new content loses,
-        // and b.yaml's old content (x) stays, which in turn beats c.yaml's copy of x.
+        // b.yaml now also defines y, which a.yaml (sorting first) defines too: b.yaml's y loses, its x (held
+        // before) stays and beats c.yaml's new copy of x.
         dir.write("a.yaml", &svc("y", "10.96.0.2"));
         dir.write(
             "b.yaml",

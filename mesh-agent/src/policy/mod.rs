@@ -1,7 +1,3 @@
-#![allow(
-    dead_code,
-    reason = "reference evaluator for issue 3; wired into the kernel compiler next"
-)]
 //! `AuthorizationPolicy` (`security.sinew.dev/v1alpha1`): Istio's L4 authorization API, and a pure reference
 //! evaluator of its semantics (issue 3).
 //!

@@ -267,6 +267,11 @@ impl Collector for PolicyKernelCounters {
                 "UDP datagrams passed by the flow cache without a policy lookup",
                 c.udp_flow_hits,
             ),
+            (
+                "policy_udp_replies",
+                "UDP sends let through the client-side check as answers to an accepted datagram",
+                c.udp_replies,
+            ),
         ] {
             let family = encoder.encode_descriptor(
                 name,

@@ -62,8 +62,10 @@ pub mod map_names {
     pub const UDP_FLOWS: &str = "udp_flows";
     /// Ring buffer of [`crate::policy::PolicyEvent`].
     pub const POLICY_EVENTS: &str = "pol_events";
+    /// [`crate::policy::UdpReplyKey`] -> `u64` time of the last accepted datagram (LRU).
+    pub const UDP_REPLIES: &str = "udp_replies";
     /// Every map, in the order the agent creates and pins them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -76,6 +78,7 @@ pub mod map_names {
         POLICY_COUNTERS,
         POLICY_RATELIMIT,
         UDP_FLOWS,
+        UDP_REPLIES,
         POLICY_EVENTS,
         ABI,
     ];
@@ -225,6 +228,8 @@ pub const ABI_HASH: u32 = {
         policy::MAX_LOCAL_EPS as usize,
         policy::MAX_POLICY as usize,
         policy::MAX_UDP_FLOWS as usize,
+        core::mem::size_of::<policy::UdpReplyKey>(),
+        policy::MAX_UDP_REPLIES as usize,
         policy::EVENTS_RING_BYTES as usize,
         policy::counter::COUNT as usize,
     ];
@@ -322,4 +327,5 @@ mod user {
     unsafe impl aya::Pod for policy::FlowValue {}
     unsafe impl aya::Pod for policy::RateLimit {}
     unsafe impl aya::Pod for policy::PolicyEvent {}
+    unsafe impl aya::Pod for policy::UdpReplyKey {}
 }

@@ -183,6 +183,23 @@ pub struct FlowValue {
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
 
+/// Capacity of the UDP reply permits (LRU).
+pub const MAX_UDP_REPLIES: u32 = 65536;
+
+/// `udp_replies` key: a local UDP socket received an accepted datagram from `addr`:`port`, so it may answer it
+/// even if policy would not let it open a flow there (a server replying to a client under default deny).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpReplyKey {
+    /// Socket cookie of the receiving socket.
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<UdpReplyKey>() == 32);
+
 /// Indexes into the per-CPU `pol_counters` array (one `u64` each).
 pub mod counter {
     /// Connects/sends refused by the client-side check.
@@ -201,7 +218,9 @@ pub mod counter {
     pub const ALLOWED_INGRESS: u32 = 6;
     /// UDP datagrams passed by the flow cache without a policy lookup.
     pub const UDP_FLOW_HITS: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// UDP sends the client-side check let through as replies (`udp_replies`).
+    pub const UDP_REPLIES: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Per-CPU token bucket for events, `pol_ratelim[0]`.

@@ -10,8 +10,8 @@ use mesh_common::{
     ServiceCounters, ServiceKey, ServiceValue, SlotKey, SlotValue,
     policy::{
         EVENTS_RING_BYTES, FlowKey, FlowValue, IpInfo, LocalEndpoint, MAX_IPCACHE, MAX_LOCAL_EPS,
-        MAX_POLICY, MAX_UDP_FLOWS, PolicyEvent, PolicyKey, PolicyState, PolicyValue, RateLimit,
-        counter,
+        MAX_POLICY, MAX_UDP_FLOWS, MAX_UDP_REPLIES, PolicyEvent, PolicyKey, PolicyState,
+        PolicyValue, RateLimit, UdpReplyKey, counter,
     },
 };
 
@@ -61,6 +61,10 @@ pub static POLICY_RATELIMIT: PerCpuArray<RateLimit, 1> = PerCpuArray::new();
 
 #[btf_map(name = "udp_flows")]
 pub static UDP_FLOWS: LruHashMap<FlowKey, FlowValue, { MAX_UDP_FLOWS as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "udp_replies")]
+pub static UDP_REPLIES: LruHashMap<UdpReplyKey, u64, { MAX_UDP_REPLIES as usize }> =
     LruHashMap::new();
 
 #[btf_map(name = "pol_events")]

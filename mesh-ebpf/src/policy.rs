@@ -6,7 +6,7 @@
 use aya_ebpf::{
     EbpfContext,
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::{SkBuffContext, SockAddrContext},
 };
 use mesh_common::{
@@ -14,15 +14,15 @@ use mesh_common::{
     policy::{
         CLASS_ID_MASK, CLASS_SKIP, DIR_EGRESS, DIR_INGRESS, DST_DEFAULT_DENY, FLOW_INBOUND,
         FLOW_REPLY, FLOW_REPLY_TIMEOUT_NS, FlowKey, FlowValue, IpSlot, PolicyEvent, PolicyKey,
-        PolicyState, PolicyValue, VERDICT_ALLOW, VERDICT_DENY, VERDICT_FLAG_AUDIT, counter,
-        identity,
+        PolicyState, PolicyValue, UdpReplyKey, VERDICT_ALLOW, VERDICT_DENY, VERDICT_FLAG_AUDIT,
+        counter, identity,
     },
     v4_mapped,
 };
 
 use crate::maps::{
     IPCACHE, LOCAL_EPS, POLICY, POLICY_COUNTERS, POLICY_EVENTS, POLICY_RATELIMIT, POLICY_STATE,
-    UDP_FLOWS,
+    UDP_FLOWS, UDP_REPLIES,
 };
 
 /// cgroup_skb: let the packet through.
@@ -213,8 +213,15 @@ pub fn egress_allowed(ctx: &SockAddrContext, dst: &[u8; 16], port: u16, proto: u
     if d.dst_class & CLASS_ID_MASK == 0 {
         return true;
     }
+    let verdict = decide(d.dst_class, src_class, port, epoch);
+    // A UDP socket answering a peer it accepted a datagram from is replying, not opening a flow: a server with no
+    // policy of its own must be able to answer a client that sits under default deny.
+    if verdict.verdict == VERDICT_DENY && proto == PROTO_UDP && is_reply(ctx, dst, port) {
+        bump(counter::UDP_REPLIES);
+        return true;
+    }
     let j = Judged {
-        verdict: decide(d.dst_class, src_class, port, epoch),
+        verdict,
         src: IpSlot {
             identity: slot.identity,
             src_class,
@@ -224,6 +231,39 @@ pub fn egress_allowed(ctx: &SockAddrContext, dst: &[u8; 16], port: u16, proto: u
     };
     // The source address is not chosen yet at connect(): the event carries the pod's identity instead.
     conclude(&st, &j, DIR_EGRESS, proto, ([0; 16], 0), (*dst, port))
+}
+
+#[inline(always)]
+fn is_reply(ctx: &SockAddrContext, dst: &[u8; 16], port: u16) -> bool {
+    let key = UdpReplyKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: *dst,
+        port,
+        _pad: [0; 6],
+    };
+    match UDP_REPLIES.get_ptr(&key) {
+        Some(t) => {
+            unsafe { bpf_ktime_get_ns() }.wrapping_sub(unsafe { *t }) < FLOW_REPLY_TIMEOUT_NS
+        }
+        None => false,
+    }
+}
+
+/// Records that the receiving socket accepted a datagram from a workload under policy, so that its answers are
+/// let through by the client-side check (see [`is_reply`]). Peers without policy need no permit.
+#[inline(always)]
+fn permit_reply(ctx: &SkBuffContext, p: &Packet, src: &IpSlot) {
+    if src.dst_class & CLASS_ID_MASK == 0 {
+        return;
+    }
+    let key = UdpReplyKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: p.saddr,
+        port: p.sport,
+        _pad: [0; 6],
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = UDP_REPLIES.insert(&key, &now, 0);
 }
 
 /// Where the transport header is: protocol, offset and IP version. `None`: not IP; an IPv6 packet with extension
@@ -330,6 +370,9 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     let epoch = st.epoch & 1;
     let d = ip_slot(&p.daddr, epoch);
     if d.dst_class & CLASS_ID_MASK == 0 {
+        if proto == PROTO_UDP {
+            permit_reply(ctx, &p, &ip_slot(&p.saddr, epoch));
+        }
         return SKB_PASS;
     }
     let flow = FlowKey {
@@ -351,6 +394,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         };
         if fresh {
             bump(counter::UDP_FLOW_HITS);
+            permit_reply(ctx, &p, &ip_slot(&p.saddr, epoch));
             return SKB_PASS;
         }
     }
@@ -372,6 +416,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         return SKB_DROP;
     }
     if p.proto == PROTO_UDP {
+        permit_reply(ctx, &p, &s);
         let v = FlowValue {
             kind: FLOW_INBOUND,
             generation: st.generation,

@@ -64,6 +64,7 @@ pub struct PolicyCounters {
     pub allowed_egress: u64,
     pub allowed_ingress: u64,
     pub udp_flow_hits: u64,
+    pub udp_replies: u64,
 }
 
 const WORLD_SLOT: IpSlot = IpSlot {
@@ -123,6 +124,7 @@ impl PolicyMaps {
             allowed_egress: get(counter::ALLOWED_EGRESS),
             allowed_ingress: get(counter::ALLOWED_INGRESS),
             udp_flow_hits: get(counter::UDP_FLOW_HITS),
+            udp_replies: get(counter::UDP_REPLIES),
         }
     }
 

@@ -204,6 +204,27 @@ impl ProbeReport {
     }
 }
 
+/// Result of `probe-loop`: the same targets probed again and again (each round concurrently), with the wall-clock
+/// start of every round, so outcomes can be lined up with policy changes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProbeLoopReport {
+    /// The targets, in the order of every round's `outcomes`.
+    pub targets: Vec<String>,
+    /// The per-probe timeout used.
+    pub timeout_ms: u64,
+    /// Every round, in order.
+    pub rounds: Vec<ProbeRound>,
+}
+
+/// One round of `probe-loop`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProbeRound {
+    /// Wall-clock start (ms since the epoch).
+    pub start_unix_ms: u64,
+    /// Outcome per target (the words of [`ProbeResult::outcome`]).
+    pub outcomes: Vec<String>,
+}
+
 /// Result of `udp-flood`: datagrams fired without waiting for replies.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct FloodReport {

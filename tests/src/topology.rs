@@ -847,6 +847,42 @@ impl Pod {
         Ok(r)
     }
 
+    /// Starts `sinew-testpod probe-loop` in the background: the targets probed round after round (each round
+    /// concurrently, `interval_ms` apart) until `duration_ms` has passed or `stop_file` exists. `managed`: from the
+    /// pod's cgroup (else outside it). Collect the [`crate::testpod::ProbeLoopReport`] with
+    /// `proc.wait(..)?.json()`.
+    pub fn spawn_probe_loop(
+        &self,
+        targets: &[String],
+        timeout_ms: u64,
+        interval_ms: u64,
+        duration_ms: u64,
+        stop_file: &Path,
+        managed: bool,
+    ) -> Result<Proc> {
+        let list = targets.join(",");
+        let (t, i, d) = (
+            timeout_ms.to_string(),
+            interval_ms.to_string(),
+            duration_ms.to_string(),
+        );
+        let stop = stop_file.display().to_string();
+        let args = [
+            "probe-loop",
+            "--targets",
+            list.as_str(),
+            "--timeout-ms",
+            t.as_str(),
+            "--interval-ms",
+            i.as_str(),
+            "--duration-ms",
+            d.as_str(),
+            "--stop-file",
+            stop.as_str(),
+        ];
+        self.spawn_in(&self.testpod, &args, managed)
+    }
+
     /// Fires up to `count` UDP datagrams at `to` for at most `duration_ms`, without waiting for replies
     /// (`sinew-testpod udp-flood`). `managed`: from the pod's cgroup (else outside it).
     pub fn udp_flood(

@@ -17,10 +17,15 @@
 //! sinew-testpod crr         --to ADDR [--size S] [--duration-ms D] [--max N] [--timeout-ms T]
 //! sinew-testpod probe       --targets PROTO:ADDR,PROTO:ADDR,.. [--timeout-ms T]      (PROTO: tcp | udp)
 //! sinew-testpod udp-flood   --to ADDR --count N [--duration-ms D]
+//! sinew-testpod probe-loop  --targets .. --duration-ms D [--interval-ms I] [--timeout-ms T] [--max-rounds N]
+//!                           [--stop-file PATH]
 //! ```
 //! `probe` tries every target once, concurrently, each bounded by `--timeout-ms` (default 400): TCP connects,
 //! reads the name line and has 4 bytes echoed; UDP sends one datagram from a fresh unconnected socket (`sendto`)
 //! and waits for the reply. It prints one [`ProbeReport`] line; see `ProbeResult` for the outcome words.
+//! `probe-loop` repeats such a batch (each round concurrently, one round after the other, `--interval-ms` apart)
+//! until D ms have passed, N rounds were made (default 100000) or PATH exists, and prints one `ProbeLoopReport`
+//! with each round's wall-clock start.
 //! `udp-flood` fires datagrams from one unconnected socket without waiting for replies (at most N, at most D ms).
 //! `--progress-every K` prints `{"event":"progress","attempts":n,"ok":k,"failed":f}` after every K attempts, so a
 //! caller can tell that a long run is under way; the result is still the last line.
@@ -36,8 +41,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sinew_tests::testpod::{
-    ConnectReport, CrrReport, Failure, FloodReport, PROBE_OK, PROBE_TIMEOUT, ProbeReport,
-    ProbeResult, RrReport, ServeReady, UdpReport, errno_name, percentile,
+    ConnectReport, CrrReport, Failure, FloodReport, PROBE_OK, PROBE_TIMEOUT, ProbeLoopReport,
+    ProbeReport, ProbeResult, ProbeRound, RrReport, ServeReady, UdpReport, errno_name, percentile,
 };
 
 /// Hard caps, whatever the arguments say.
@@ -67,6 +72,7 @@ fn main() {
         "rr" => print(&rr(&opts)),
         "crr" => print(&crr(&opts)),
         "probe" => print(&probe(&opts)),
+        "probe-loop" => print(&probe_loop(&opts)),
         "udp-flood" => print(&udp_flood(&opts)),
         other => usage(&format!("unknown subcommand {other:?}")),
     };
@@ -687,10 +693,57 @@ const MAX_PROBE_TARGETS: usize = 1024;
 /// Probes run at the same time; more targets run in waves.
 const PROBE_WAVE: usize = 128;
 
+type Target = (String, bool, SocketAddr);
+
+fn probe_timeout(opts: &Opts) -> Duration {
+    opts.ms("timeout-ms", 400)
+        .clamp(Duration::from_millis(1), Duration::from_secs(30))
+}
+
 fn probe(opts: &Opts) -> ProbeReport {
-    let timeout = opts
-        .ms("timeout-ms", 400)
-        .clamp(Duration::from_millis(1), Duration::from_secs(30));
+    let timeout = probe_timeout(opts);
+    let targets = probe_targets(opts);
+    let start = Instant::now();
+    let results = probe_batch(&targets, timeout);
+    ProbeReport {
+        timeout_ms: timeout.as_millis() as u64,
+        results,
+        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+    }
+}
+
+fn probe_loop(opts: &Opts) -> ProbeLoopReport {
+    let timeout = probe_timeout(opts);
+    let targets = probe_targets(opts);
+    let duration = opts.ms("duration-ms", 10_000);
+    let interval = opts.ms("interval-ms", 10);
+    let max_rounds = opts.count("max-rounds", 100_000);
+    let stop = opts.str("stop-file").map(std::path::PathBuf::from);
+    let start = Instant::now();
+    let mut report = ProbeLoopReport {
+        targets: targets.iter().map(|t| t.0.clone()).collect(),
+        timeout_ms: timeout.as_millis() as u64,
+        rounds: Vec::new(),
+    };
+    for _ in 0..max_rounds {
+        if start.elapsed() >= duration || stop.as_ref().is_some_and(|p| p.exists()) {
+            break;
+        }
+        let start_unix_ms = sinew_tests::unix_ms();
+        let outcomes = probe_batch(&targets, timeout)
+            .into_iter()
+            .map(|r| r.outcome)
+            .collect();
+        report.rounds.push(ProbeRound {
+            start_unix_ms,
+            outcomes,
+        });
+        std::thread::sleep(interval);
+    }
+    report
+}
+
+fn probe_targets(opts: &Opts) -> Vec<Target> {
     let list = opts
         .str("targets")
         .unwrap_or_else(|| usage("--targets PROTO:ADDR,.. is required"));
@@ -715,7 +768,11 @@ fn probe(opts: &Opts) -> ProbeReport {
     if targets.is_empty() || targets.len() > MAX_PROBE_TARGETS {
         usage(&format!("--targets: 1 to {MAX_PROBE_TARGETS} targets"));
     }
-    let start = Instant::now();
+    targets
+}
+
+/// Probes every target once, concurrently (in waves of [`PROBE_WAVE`]), results in the targets' order.
+fn probe_batch(targets: &[Target], timeout: Duration) -> Vec<ProbeResult> {
     let mut results = Vec::with_capacity(targets.len());
     for wave in targets.chunks(PROBE_WAVE) {
         let handles: Vec<_> = wave
@@ -746,11 +803,7 @@ fn probe(opts: &Opts) -> ProbeReport {
             }));
         }
     }
-    ProbeReport {
-        timeout_ms: timeout.as_millis() as u64,
-        results,
-        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-    }
+    results
 }
 
 /// The outcome word of a failed step: the errno name, `timeout` for the tool's own timeouts.

@@ -404,6 +404,322 @@ impl Matrix<'_> {
     }
 }
 
+/// One pod of a [`PolicyFixture`].
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    /// Pod name.
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Service account; `None`: a stranger (no manifest, no server; a source outside the mesh).
+    pub service_account: Option<String>,
+    /// Labels.
+    pub labels: Vec<(String, String)>,
+}
+
+impl PodSpec {
+    /// A known pod `name` in `namespace` with service account `sa` and `labels`.
+    pub fn new(name: &str, namespace: &str, sa: &str, labels: &[(&str, &str)]) -> PodSpec {
+        PodSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: Some(sa.into()),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// A netns that is no known pod.
+    pub fn stranger(name: &str) -> PodSpec {
+        PodSpec {
+            name: name.into(),
+            namespace: crate::topology::DEFAULT_NAMESPACE.into(),
+            service_account: None,
+            labels: Vec::new(),
+        }
+    }
+}
+
+/// What a test expects for one (source, destination, target port): allowed or denied, for TCP and UDP alike, on
+/// both paths (strangers: the server-side path only).
+#[derive(Debug, Clone)]
+pub struct Want {
+    /// Source pod.
+    pub src: String,
+    /// Destination pod.
+    pub dst: String,
+    /// Target port.
+    pub port: u16,
+    /// Allowed?
+    pub allow: bool,
+}
+
+/// `Want` shorthand.
+pub fn want(src: &str, dst: &str, port: u16, allow: bool) -> Want {
+    Want {
+        src: src.into(),
+        dst: dst.into(),
+        port,
+        allow,
+    }
+}
+
+/// The file [`PolicyFixture::set_policies`] writes.
+pub const POLICY_FILE: &str = "policies.yaml";
+
+/// Nodes with pods that have identities, each known pod serving TCP and UDP on every port of `ports`, and one
+/// ready agent per node. Fields drop in order: agents, servers, topology.
+#[derive(Debug)]
+pub struct PolicyFixture {
+    /// One agent per node, in node order.
+    pub agents: Vec<crate::Agent>,
+    /// The servers.
+    pub servers: Vec<crate::Proc>,
+    /// The manifest directory (shared by all agents).
+    pub source: SourceDir,
+    /// Every pod, strangers included, in declaration order.
+    pub workloads: Vec<Workload>,
+    /// The ports every known pod serves.
+    pub ports: Vec<u16>,
+    /// Per-probe timeout for checks (ms).
+    pub probe_timeout_ms: u64,
+    /// The topology (dropped last).
+    pub topo: crate::Topology,
+}
+
+impl PolicyFixture {
+    /// Builds the nodes and pods, starts the servers, writes the Pod manifests (and `extra_files`, e.g. Services or
+    /// policies that must be there from the first sync), starts one agent per node and waits until all are ready.
+    pub fn setup(
+        name: &str,
+        testpod_bin: &std::path::Path,
+        nodes: &[(&str, Vec<PodSpec>)],
+        ports: &[u16],
+        extra_files: &[(&str, Vec<Value>)],
+    ) -> Result<PolicyFixture> {
+        let mut b = crate::Topology::builder(name).testpod_bin(testpod_bin);
+        for (node, pods) in nodes {
+            let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
+            b = b.node(node, &names);
+            for p in pods {
+                b = b.pod_namespace(&p.name, &p.namespace);
+            }
+        }
+        let topo = b.build()?;
+        let source = topo.source_dir()?;
+        let mut workloads = Vec::new();
+        let mut servers = Vec::new();
+        for (_, pods) in nodes {
+            for spec in pods {
+                let pod = topo.pod(&spec.name);
+                let w = match &spec.service_account {
+                    Some(sa) => {
+                        let labels: Vec<(&str, &str)> = spec
+                            .labels
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect();
+                        servers.push(pod.serve_ports(ports, &spec.name)?);
+                        Workload::new(&pod, sa, &labels)
+                    }
+                    None => Workload::stranger(&pod),
+                };
+                w.write(&source)?;
+                workloads.push(w);
+            }
+        }
+        for (file, objects) in extra_files {
+            source.write(file, objects)?;
+        }
+        let mut agents = Vec::new();
+        for (node, _) in nodes {
+            agents.push(crate::Agent::start(topo.node(node), source.path(), None)?);
+        }
+        for a in &mut agents {
+            a.wait_ready(std::time::Duration::from_secs(20))?;
+        }
+        Ok(PolicyFixture {
+            agents,
+            servers,
+            source,
+            workloads,
+            ports: ports.to_vec(),
+            probe_timeout_ms: 400,
+            topo,
+        })
+    }
+
+    /// The workload named `name`. Panics if there is none.
+    pub fn w(&self, name: &str) -> &Workload {
+        self.workloads
+            .iter()
+            .find(|w| w.name() == name)
+            .unwrap_or_else(|| panic!("no workload {name:?}"))
+    }
+
+    /// The agent of the node `pod` runs on.
+    pub fn agent_of(&self, pod: &str) -> &crate::Agent {
+        let node = &self.w(pod).pod.node;
+        let i = self
+            .topo
+            .nodes()
+            .iter()
+            .position(|n| n.name() == node)
+            .expect("pod's node exists");
+        &self.agents[i]
+    }
+
+    /// Writes `objects` as [`POLICY_FILE`] (replacing the previous set) and waits until every agent has exactly
+    /// these policies in force (and no rejection). Give every set unique names. Returns the first agent's status.
+    pub fn set_policies(&self, objects: &[Value]) -> Result<crate::PolicyStatus> {
+        if objects.is_empty() {
+            self.source.remove(POLICY_FILE)?;
+        } else {
+            self.source.write(POLICY_FILE, objects)?;
+        }
+        let keys = objects.iter().map(policy_key).collect();
+        self.wait_in_force(&keys, &[])
+    }
+
+    /// Waits (10 s at most) until every agent has exactly `keys` in force, with only rejections mentioning one of
+    /// `rejected_ok`. Returns the first agent's status.
+    pub fn wait_in_force(
+        &self,
+        keys: &std::collections::BTreeSet<String>,
+        rejected_ok: &[&str],
+    ) -> Result<crate::PolicyStatus> {
+        let mut first = None;
+        for a in &self.agents {
+            let st = a
+                .wait_policies(keys, rejected_ok, std::time::Duration::from_secs(10))
+                .with_context(|| format!("agent {}", a.options().node))?;
+            first.get_or_insert(st);
+        }
+        Ok(first.unwrap_or_default())
+    }
+
+    /// Probes every `Want` (TCP and UDP; client-side and server-side paths, strangers server-side only) and returns
+    /// one line per disagreement: with the hand-written expectation, with the reference evaluator's verdict for
+    /// `policies` (a disagreement there is reported too: the test's reading of Istio and the reference differ), and
+    /// with `/debug/policy/check` of the destination's agent.
+    pub fn verify(&self, policies: &[Value], wants: &[Want]) -> Result<Vec<String>> {
+        let parsed = parse_policies(policies)?;
+        let mut problems = Vec::new();
+        // Group the probes by (source, path): one probe process each.
+        let mut jobs: BTreeMap<(String, ClientPath), Vec<(String, &Want, Proto)>> = BTreeMap::new();
+        for wnt in wants {
+            let src = self.w(&wnt.src);
+            let dst = self.w(&wnt.dst);
+            for proto in Proto::BOTH {
+                let v = expected(&parsed, src, dst, wnt.port, proto);
+                if v.allowed != wnt.allow {
+                    problems.push(format!(
+                        "REFERENCE EVALUATOR DISAGREES with the test: {} -> {} {}/{}: test expects {}, reference \
+                         says {v}",
+                        wnt.src,
+                        wnt.dst,
+                        proto.as_str(),
+                        wnt.port,
+                        if wnt.allow { "allow" } else { "deny" },
+                    ));
+                }
+                let paths: &[ClientPath] = if src.service_account.is_some() {
+                    &ClientPath::BOTH
+                } else {
+                    &[ClientPath::Server]
+                };
+                for path in paths {
+                    jobs.entry((wnt.src.clone(), *path)).or_default().push((
+                        proto.target(IpAddr::V4(dst.pod.ip4), wnt.port),
+                        wnt,
+                        proto,
+                    ));
+                }
+            }
+            // What the agent explains must agree too.
+            let from = match &src.service_account {
+                Some(_) => src.identity_key(),
+                None => src.pod.ip4.to_string(),
+            };
+            match self
+                .agent_of(&wnt.dst)
+                .policy_check(&from, &dst.key(), wnt.port, "tcp")
+            {
+                Ok(c) if c.allowed == wnt.allow => {}
+                Ok(c) => problems.push(format!(
+                    "/debug/policy/check from={from} to={} port={}: allowed={} ({:?} rule {:?}: {}), want {}",
+                    dst.key(),
+                    wnt.port,
+                    c.allowed,
+                    c.policy,
+                    c.rule,
+                    c.reason,
+                    wnt.allow
+                )),
+                Err(e) => problems.push(format!("/debug/policy/check from={from}: {e:#}")),
+            }
+        }
+        let results: Vec<Result<ProbeReport>> = std::thread::scope(|scope| {
+            let hs: Vec<_> = jobs
+                .iter()
+                .map(|((src, path), items)| {
+                    let pod = &self.w(src).pod;
+                    let targets: Vec<String> = items.iter().map(|(t, _, _)| t.clone()).collect();
+                    let timeout = self.probe_timeout_ms;
+                    let path = *path;
+                    scope.spawn(move || match path {
+                        ClientPath::Client => pod.probe(&targets, timeout),
+                        ClientPath::Server => pod.probe_unmanaged(&targets, timeout),
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))
+                })
+                .collect()
+        });
+        for (((src, path), items), report) in jobs.iter().zip(results) {
+            let report = report?;
+            for ((_, wnt, proto), r) in items.iter().zip(&report.results) {
+                let want = if wnt.allow {
+                    PROBE_OK
+                } else {
+                    path.denied_outcome()
+                };
+                if r.outcome != want {
+                    problems.push(format!(
+                        "{src} -> {} {}/{} {path}: expected {want}, observed {} after {:.1} ms",
+                        wnt.dst,
+                        proto.as_str(),
+                        wnt.port,
+                        r.outcome,
+                        r.elapsed_ms
+                    ));
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    /// [`PolicyFixture::verify`], panicking with the policies' YAML and every problem.
+    pub fn assert_wants(&self, what: &str, policies: &[Value], wants: &[Want]) {
+        let problems = self
+            .verify(policies, wants)
+            .unwrap_or_else(|e| panic!("{what}: probing failed: {e:#}"));
+        assert!(
+            problems.is_empty(),
+            "{what}: {} problem(s):\n  {}\npolicies:\n{}",
+            problems.len(),
+            problems.join("\n  "),
+            policies_yaml(policies)
+        );
+    }
+}
+
 /// A small deterministic PRNG (SplitMix64) for generated tests: the seed alone reproduces a run.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);

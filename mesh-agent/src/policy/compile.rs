@@ -743,11 +743,11 @@ mod tests {
         let d = c
             .lookup(dst_ip)
             .map(|(_, s)| s)
-            .unwrap_or(IpSlot::default());
+            .unwrap_or_default();
         let s = c
             .lookup(src_ip)
             .map(|(_, s)| s)
-            .unwrap_or(IpSlot::default());
+            .unwrap_or_default();
         c.kernel_verdict(d.dst_class, s.src_class, port).verdict == VERDICT_ALLOW
     }
 

@@ -244,6 +244,8 @@ pub const DIR_INGRESS: u8 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyEvent {
     pub ts_ns: u64,
+    /// Egress: the netns cookie of the connecting pod (its address is not chosen yet); ingress: 0.
+    pub netns_cookie: u64,
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],
     /// Host order; 0 when not known (client side: the source port is chosen after `connect()`).
@@ -261,6 +263,5 @@ pub struct PolicyEvent {
     pub verdict: u8,
     /// [`VERDICT_FLAG_AUDIT`].
     pub flags: u8,
-    pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 72);

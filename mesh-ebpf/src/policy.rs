@@ -143,6 +143,7 @@ fn conclude(
     proto: u8,
     src: ([u8; 16], u16),
     dst: ([u8; 16], u16),
+    netns_cookie: u64,
 ) -> bool {
     let allowed = j.verdict.verdict != VERDICT_DENY;
     let audit = j.verdict.flags & VERDICT_FLAG_AUDIT != 0;
@@ -158,6 +159,7 @@ fn conclude(
     if !allowed || audit {
         let ev = PolicyEvent {
             ts_ns: unsafe { bpf_ktime_get_ns() },
+            netns_cookie,
             src_addr: src.0,
             dst_addr: dst.0,
             src_port: src.1,
@@ -170,7 +172,6 @@ fn conclude(
             direction,
             verdict: j.verdict.verdict,
             flags: j.verdict.flags,
-            _pad: 0,
         };
         report(st, &ev);
     }
@@ -230,7 +231,15 @@ pub fn egress_allowed(ctx: &SockAddrContext, dst: &[u8; 16], port: u16, proto: u
         dst: d,
     };
     // The source address is not chosen yet at connect(): the event carries the pod's identity instead.
-    conclude(&st, &j, DIR_EGRESS, proto, ([0; 16], 0), (*dst, port))
+    conclude(
+        &st,
+        &j,
+        DIR_EGRESS,
+        proto,
+        ([0; 16], 0),
+        (*dst, port),
+        cookie,
+    )
 }
 
 #[inline(always)]
@@ -411,6 +420,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         p.proto,
         (p.saddr, p.sport),
         (p.daddr, p.dport),
+        0,
     );
     if !allowed {
         return SKB_DROP;

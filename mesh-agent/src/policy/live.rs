@@ -36,6 +36,8 @@ struct InForce {
     policies: Vec<AuthorizationPolicy>,
     pods: Vec<Pod>,
     compiled: Compiled,
+    /// Local pods (`namespace/name`) by netns cookie, to name the source of an egress event.
+    cookie_pods: BTreeMap<u64, String>,
 }
 
 pub struct PolicyPlane {
@@ -282,6 +284,7 @@ impl PolicyPlane {
             policies,
             pods: pods.to_vec(),
             compiled,
+            cookie_pods: cookies.into_iter().map(|(pod, c)| (c, pod)).collect(),
         });
         Ok((changes, warnings))
     }
@@ -403,17 +406,11 @@ impl PolicyPlane {
         let dst_ip = IpAddr::V6(Ipv6Addr::from(ev.dst_addr)).to_canonical();
         let dst_pod = self.pod_by_ip(dst_ip).cloned();
         let src_name = self.identity_name(ev.src_identity);
-        // At egress the kernel knows the pod by its netns, not its address: use the local pod of that identity
-        // (when there is exactly one) for the address.
+        // At egress the kernel knows the pod by its netns cookie, not its address (not chosen yet).
         let src_pod = if egress {
             self.in_force.as_ref().and_then(|f| {
-                let mut local = f.pods.iter().filter(|p| {
-                    !p.is_terminated()
-                        && p.spec.node_name.as_deref() == Some(self.settings.node.as_str())
-                        && format!("{}/{}", p.metadata.namespace, p.service_account()) == src_name
-                });
-                let first = local.next()?;
-                local.next().is_none().then(|| first.clone())
+                let key = f.cookie_pods.get(&ev.netns_cookie)?;
+                f.pods.iter().find(|p| &p.metadata.key() == key).cloned()
             })
         } else {
             self.pod_by_ip(IpAddr::V6(Ipv6Addr::from(ev.src_addr)).to_canonical())

@@ -4,7 +4,9 @@
 //! pod and backends `web-1`..`web-3`, each running `sinew-testpod serve` (which answers with its own name). The
 //! manifests come from `examples/demo/`; only the `sinew.dev/netns` paths are rewritten to this run's namespaces.
 //! Then: the agent starts, 30 connects to the VIP show the spread, one backend pod is deleted from the source, 30
-//! more connects show the spread over two, and the inspection commands for this run are printed and run.
+//! more connects show the spread over two, an AuthorizationPolicy (`examples/policy/`) lets only the client call the
+//! web pods (a web pod calling another gets EACCES, explained by `policy check` and `flows`), and the inspection
+//! commands for this run are printed and run.
 //!
 //! Everything lives in namespaces and cgroups the harness creates and removes (on success, error and Ctrl-C): the
 //! RAII guards are locals of [`demo`], so returning from it, with `Ok` or `Err`, tears the topology down.

@@ -740,14 +740,8 @@ mod tests {
     /// The kernel's answer, emulated from the tables exactly as the programs look them up: server side by the
     /// source address, client side by the local endpoint of the source pod.
     fn kernel_allows(c: &Compiled, src_ip: IpAddr, dst_ip: IpAddr, port: u16) -> bool {
-        let d = c
-            .lookup(dst_ip)
-            .map(|(_, s)| s)
-            .unwrap_or_default();
-        let s = c
-            .lookup(src_ip)
-            .map(|(_, s)| s)
-            .unwrap_or_default();
+        let d = c.lookup(dst_ip).map(|(_, s)| s).unwrap_or_default();
+        let s = c.lookup(src_ip).map(|(_, s)| s).unwrap_or_default();
         c.kernel_verdict(d.dst_class, s.src_class, port).verdict == VERDICT_ALLOW
     }
 

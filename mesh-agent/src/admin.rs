@@ -74,35 +74,32 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Byte
 
 /// The query string's `key=value` pairs, percent-decoded (`%2F` and `+` included).
 fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    parse_query(req.uri().query().unwrap_or(""))
+}
+
+fn parse_query(q: &str) -> Vec<(String, String)> {
     let decode = |s: &str| -> String {
         let bytes = s.as_bytes();
         let mut out = Vec::with_capacity(bytes.len());
         let mut i = 0;
         while i < bytes.len() {
-            match bytes[i] {
-                b'+' => out.push(b' '),
-                b'%' if i + 2 < bytes.len() => {
-                    match u8::from_str_radix(
-                        std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                        16,
-                    ) {
-                        Ok(b) => {
-                            out.push(b);
-                            i += 2;
-                        }
-                        Err(_) => out.push(b'%'),
-                    }
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match (bytes[i], hex) {
+                (b'+', _) => out.push(b' '),
+                (b'%', Some(b)) => {
+                    out.push(b);
+                    i += 2;
                 }
-                b => out.push(b),
+                (b, _) => out.push(b),
             }
             i += 1;
         }
         String::from_utf8_lossy(&out).into_owned()
     };
-    req.uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
+    q.split('&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -194,5 +191,24 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             PLAIN,
             "not found; try /healthz /readyz /metrics /debug/services /debug/policies /debug/policy/check /debug/flows\n",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_query;
+
+    #[test]
+    fn query_strings_are_decoded() {
+        let q = parse_query("from=prod%2Fweb&to=dev/cli&port=8080&x=a+b&bad=%zz&empty=&flag");
+        let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("from"), Some("prod/web"));
+        assert_eq!(get("to"), Some("dev/cli"));
+        assert_eq!(get("port"), Some("8080"));
+        assert_eq!(get("x"), Some("a b"));
+        assert_eq!(get("bad"), Some("%zz"));
+        assert_eq!(get("empty"), Some(""));
+        assert_eq!(get("flag"), Some(""));
+        assert_eq!(parse_query("a=%4"), vec![("a".into(), "%4".into())]);
     }
 }

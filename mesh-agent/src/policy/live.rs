@@ -49,7 +49,6 @@ pub struct PolicyPlane {
     in_force: Option<InForce>,
     /// Bumped each time a new compilation reaches the kernel.
     pub revision: u64,
-    last: PolicyChanges,
     /// Rejected AuthorizationPolicy objects, from the last load.
     rejected: Vec<SourceError>,
     flows: VecDeque<Flow>,
@@ -195,7 +194,6 @@ impl PolicyPlane {
             cookies: BTreeMap::new(),
             in_force: None,
             revision: 0,
-            last: PolicyChanges::default(),
             rejected: Vec::new(),
             flows: VecDeque::new(),
             next_seq: 1,
@@ -279,7 +277,6 @@ impl PolicyPlane {
         if !unchanged {
             self.revision += 1;
         }
-        self.last = if changes.flipped { changes } else { self.last };
         self.in_force = Some(InForce {
             policies,
             pods: pods.to_vec(),

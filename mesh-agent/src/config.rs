@@ -309,6 +309,53 @@ mod tests {
     }
 
     #[test]
+    fn policy_keys_from_file_and_their_errors() {
+        let p = write(
+            "policy",
+            "mesh-root-namespace: mesh-root\ntrust-domain: example.org\npolicy-events-per-sec: 50\n",
+        );
+        let c = RunArgs {
+            config: Some(p.clone()),
+            ..args()
+        }
+        .resolve()
+        .unwrap();
+        std::fs::remove_file(p).ok();
+        assert_eq!(c.mesh_root_namespace, "mesh-root");
+        assert_eq!(c.trust_domain, "example.org");
+        assert_eq!(c.policy_events_per_sec, 50);
+        let d = args().resolve().unwrap();
+        assert_eq!(d.mesh_root_namespace, "sinew-system");
+        assert_eq!(d.trust_domain, "cluster.local");
+        for (a, field) in [
+            (
+                RunArgs {
+                    mesh_root_namespace: Some("Sinew_System".into()),
+                    ..args()
+                },
+                "mesh-root-namespace:",
+            ),
+            (
+                RunArgs {
+                    trust_domain: Some("spiffe://x".into()),
+                    ..args()
+                },
+                "trust-domain:",
+            ),
+            (
+                RunArgs {
+                    policy_events_per_sec: Some(5_000_000),
+                    ..args()
+                },
+                "policy-events-per-sec:",
+            ),
+        ] {
+            let e = a.resolve().unwrap_err().to_string();
+            assert!(e.starts_with(field), "{e}");
+        }
+    }
+
+    #[test]
     fn bad_admin_addr_is_named() {
         let e = RunArgs {
             admin_addr: Some("localhost".into()),

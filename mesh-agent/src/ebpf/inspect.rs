@@ -103,13 +103,38 @@ pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
         .as_ref()
         .filter(|a| a.matches)
         .and_then(|_| Maps::open(layout).ok());
+    let policy_handle = abi
+        .as_ref()
+        .filter(|a| a.matches)
+        .and_then(|_| super::policy::PolicyMaps::open(layout).ok());
+    let udp_flows = || -> Option<usize> {
+        let m = super::open_map(layout, map_names::UDP_FLOWS).ok()?;
+        let map: aya::maps::HashMap<
+            _,
+            mesh_common::policy::FlowKey,
+            mesh_common::policy::FlowValue,
+        > = aya::maps::HashMap::try_from(m).ok()?;
+        Some(map.keys().count())
+    };
+    let udp_replies = || -> Option<usize> {
+        let m = super::open_map(layout, map_names::UDP_REPLIES).ok()?;
+        let map: aya::maps::HashMap<_, mesh_common::policy::UdpReplyKey, u64> =
+            aya::maps::HashMap::try_from(m).ok()?;
+        Some(map.keys().count())
+    };
     let count = |name: &str| -> Option<usize> {
         let m = maps_handle.as_ref()?;
+        let p = policy_handle.as_ref()?;
         Some(match name {
             map_names::SERVICES => m.services.keys().count(),
             map_names::SLOTS => m.slots.keys().count(),
             map_names::BACKENDS => m.backends.keys().count(),
             map_names::REV_NAT => m.rev_nat.keys().count(),
+            map_names::IPCACHE => p.ipcache.keys().count(),
+            map_names::LOCAL_EPS => p.local_eps.keys().count(),
+            map_names::POLICY => p.policy.keys().count(),
+            map_names::UDP_FLOWS => udp_flows()?,
+            map_names::UDP_REPLIES => udp_replies()?,
             _ => return None,
         })
     };
@@ -152,6 +177,8 @@ fn map_kind(t: MapType) -> &'static str {
         MapType::LruHash => "lru_hash",
         MapType::Array => "array",
         MapType::PerCpuArray => "percpu_array",
+        MapType::LpmTrie => "lpm_trie",
+        MapType::RingBuf => "ringbuf",
         _ => "other",
     }
 }

@@ -241,17 +241,20 @@ fn policy_step(
             .and_then(|v| v["revision"].as_u64())
             .unwrap_or(0)
     };
+    let wait_revision = |before: u64, what: &str| -> Result<()> {
+        eventually(Duration::from_secs(5), Duration::from_millis(20), || {
+            if revision(agent) > before {
+                Ok(())
+            } else {
+                Err("policy revision unchanged".to_string())
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    };
     let before = revision(agent);
     let t0 = Instant::now();
     source.write_raw("policy-web-from-client.yaml", &text)?;
-    eventually(Duration::from_secs(5), Duration::from_millis(20), || {
-        if revision(agent) > before {
-            Ok(())
-        } else {
-            Err("policy revision unchanged".to_string())
-        }
-    })
-    .map_err(|e| anyhow::anyhow!("the policy did not come into force: {e}"))?;
+    wait_revision(before, "the policy did not come into force")?;
     println!(
         "examples/policy/web-from-client.yaml -> {}: in force after {} ms",
         source.path().display(),
@@ -297,14 +300,7 @@ fn policy_step(
     );
     let before = revision(agent);
     source.remove("policy-web-from-client.yaml")?;
-    eventually(Duration::from_secs(5), Duration::from_millis(20), || {
-        if revision(agent) > before {
-            Ok(())
-        } else {
-            Err("policy revision unchanged".to_string())
-        }
-    })
-    .map_err(|e| anyhow::anyhow!("the policy was not removed: {e}"))?;
+    wait_revision(before, "the policy was not removed")?;
     let report = from.tcp_connect(&target, 3, 0, 1000)?;
     println!(
         "policy removed: {} -> {} {target}: {}/{} connected",

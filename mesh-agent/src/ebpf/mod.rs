@@ -234,46 +234,36 @@ pub fn install<T>(
         // With bpf_link the kernel always uses multi-attach semantics (other tools' programs at the same cgroup
         // keep running) and rejects any flag, so the mode must be the flag-less `Single`.
         let mode = CgroupAttachMode::Single;
-        let link = match program {
-            Program::CgroupSockAddr(prog) => {
-                prog.load()
-                    .with_context(|| format!("loading program {name}"))?;
-                if pin.exists() {
-                    replace(&pin, prog.fd()?)?;
-                    None
-                } else {
-                    let id = prog.attach(&cgroup, mode);
-                    let id = id.with_context(|| format!("attaching {name}"))?;
-                    Some(FdLink::try_from(prog.take_link(id)?)?)
-                }
-            }
-            Program::CgroupSkb(prog) => {
-                prog.load()
-                    .with_context(|| format!("loading program {name}"))?;
-                if pin.exists() {
-                    replace(&pin, prog.fd()?)?;
-                    None
-                } else {
-                    let kind = if name.ends_with("egress") {
-                        CgroupSkbAttachType::Egress
-                    } else {
-                        CgroupSkbAttachType::Ingress
-                    };
-                    let id = prog.attach(&cgroup, kind, mode);
-                    let id = id.with_context(|| format!("attaching {name}"))?;
-                    Some(FdLink::try_from(prog.take_link(id)?)?)
-                }
-            }
+        match program {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::CgroupSkb(p) => p.load(),
             _ => bail!("program {name} has an unexpected type"),
-        };
-        match link {
-            Some(link) => {
-                link.pin(&pin)
-                    .with_context(|| format!("pinning link {}", pin.display()))?;
-                report.attached.push(name.to_string());
-            }
-            None => report.replaced.push(name.to_string()),
         }
+        .with_context(|| format!("loading program {name}"))?;
+        if pin.exists() {
+            replace(&pin, program.fd()?)?;
+            report.replaced.push(name.to_string());
+            continue;
+        }
+        let link = match program {
+            Program::CgroupSockAddr(p) => {
+                let id = p.attach(&cgroup, mode);
+                FdLink::try_from(p.take_link(id.with_context(|| format!("attaching {name}"))?)?)?
+            }
+            Program::CgroupSkb(p) => {
+                let kind = if name.ends_with("egress") {
+                    CgroupSkbAttachType::Egress
+                } else {
+                    CgroupSkbAttachType::Ingress
+                };
+                let id = p.attach(&cgroup, kind, mode);
+                FdLink::try_from(p.take_link(id.with_context(|| format!("attaching {name}"))?)?)?
+            }
+            _ => unreachable!("checked when loading"),
+        };
+        link.pin(&pin)
+            .with_context(|| format!("pinning link {}", pin.display()))?;
+        report.attached.push(name.to_string());
     }
 
     // Written last: an install that failed half-way has no ABI record yet and is simply retried.

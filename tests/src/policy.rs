@@ -126,11 +126,16 @@ impl Workload {
         }
     }
 
-    /// The evaluator's identity (`None` for a stranger).
+    /// The evaluator's identity (`None` for a stranger), in the default trust domain.
     pub fn identity(&self) -> Option<Identity> {
+        self.identity_in(TRUST_DOMAIN)
+    }
+
+    /// The evaluator's identity in `trust_domain`.
+    pub fn identity_in(&self, trust_domain: &str) -> Option<Identity> {
         self.service_account
             .as_ref()
-            .map(|sa| Identity::new(TRUST_DOMAIN, &self.pod.namespace, sa))
+            .map(|sa| Identity::new(trust_domain, &self.pod.namespace, sa))
     }
 
     /// The Pod object (`None` for a stranger).
@@ -221,7 +226,8 @@ impl fmt::Display for ClientPath {
     }
 }
 
-/// The reference verdict for `src` connecting to `dst` on target port `port`.
+/// The reference verdict for `src` connecting (over IPv4) to `dst` on target port `port`, with the default trust
+/// domain and root namespace.
 pub fn expected(
     policies: &[AuthorizationPolicy],
     src: &Workload,
@@ -229,15 +235,55 @@ pub fn expected(
     port: u16,
     proto: Proto,
 ) -> Verdict {
+    expected_with(
+        policies,
+        &Mesh::default(),
+        src,
+        IpAddr::V4(src.pod.ip4),
+        dst,
+        port,
+        proto,
+    )
+}
+
+/// The mesh-wide settings the agents run with (`--trust-domain`, `--mesh-root-namespace`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mesh {
+    /// The trust domain.
+    pub trust_domain: String,
+    /// The mesh root namespace.
+    pub root_namespace: String,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh {
+            trust_domain: TRUST_DOMAIN.into(),
+            root_namespace: ROOT_NAMESPACE.into(),
+        }
+    }
+}
+
+/// The reference verdict for `src` (seen with source address `src_ip`) connecting to `dst` on target port
+/// `port`, in `mesh`.
+pub fn expected_with(
+    policies: &[AuthorizationPolicy],
+    mesh: &Mesh,
+    src: &Workload,
+    src_ip: IpAddr,
+    dst: &Workload,
+    port: u16,
+    proto: Proto,
+) -> Verdict {
     let req = Request {
-        source: src.identity(),
-        source_ip: IpAddr::V4(src.pod.ip4),
+        source: src.identity_in(&mesh.trust_domain),
+        source_ip: src_ip,
         dest_namespace: dst.namespace().to_string(),
         dest_labels: dst.labels.clone(),
         dest_port: port,
         protocol: proto.eval(),
     };
-    evaluate_with_root(policies, &req, ROOT_NAMESPACE)
+    evaluate_with_root(policies, &req, &mesh.root_namespace)
 }
 
 /// One probe of a matrix and what happened.
@@ -466,6 +512,17 @@ pub fn want(src: &str, dst: &str, port: u16, allow: bool) -> Want {
     }
 }
 
+/// How [`PolicyFixture::setup_with`] builds its nodes and agents.
+#[derive(Debug, Clone, Default)]
+pub struct FixtureOptions {
+    /// Pods get IPv6 addresses too.
+    pub ipv6: bool,
+    /// The agents' `--trust-domain` and `--mesh-root-namespace` (default: the agents' defaults).
+    pub mesh: Option<Mesh>,
+    /// More `mesh-agent run` arguments.
+    pub agent_args: Vec<String>,
+}
+
 /// The file [`PolicyFixture::set_policies`] writes.
 pub const POLICY_FILE: &str = "policies.yaml";
 
@@ -485,6 +542,8 @@ pub struct PolicyFixture {
     pub ports: Vec<u16>,
     /// Per-probe timeout for checks (ms).
     pub probe_timeout_ms: u64,
+    /// The trust domain and root namespace the agents run with.
+    pub mesh: Mesh,
     /// The topology (dropped last).
     pub topo: crate::Topology,
 }
@@ -499,7 +558,28 @@ impl PolicyFixture {
         ports: &[u16],
         extra_files: &[(&str, Vec<Value>)],
     ) -> Result<PolicyFixture> {
-        let mut b = crate::Topology::builder(name).testpod_bin(testpod_bin);
+        Self::setup_with(
+            name,
+            testpod_bin,
+            nodes,
+            ports,
+            extra_files,
+            &FixtureOptions::default(),
+        )
+    }
+
+    /// [`PolicyFixture::setup`] with options.
+    pub fn setup_with(
+        name: &str,
+        testpod_bin: &std::path::Path,
+        nodes: &[(&str, Vec<PodSpec>)],
+        ports: &[u16],
+        extra_files: &[(&str, Vec<Value>)],
+        opts: &FixtureOptions,
+    ) -> Result<PolicyFixture> {
+        let mut b = crate::Topology::builder(name)
+            .testpod_bin(testpod_bin)
+            .ipv6(opts.ipv6);
         for (node, pods) in nodes {
             let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
             b = b.node(node, &names);
@@ -533,9 +613,28 @@ impl PolicyFixture {
         for (file, objects) in extra_files {
             source.write(file, objects)?;
         }
+        let mut agent_args = opts.agent_args.clone();
+        if let Some(m) = &opts.mesh {
+            agent_args.extend([
+                "--trust-domain".to_string(),
+                m.trust_domain.clone(),
+                "--mesh-root-namespace".to_string(),
+                m.root_namespace.clone(),
+            ]);
+        }
         let mut agents = Vec::new();
         for (node, _) in nodes {
-            agents.push(crate::Agent::start(topo.node(node), source.path(), None)?);
+            let node = topo.node(node);
+            agents.push(crate::Agent::start_with(crate::AgentOptions {
+                bin: crate::agent_bin(),
+                node: node.name().to_string(),
+                source_dir: source.path().to_path_buf(),
+                cgroup_root: node.cgroup_root().to_path_buf(),
+                bpffs_root: node.bpffs_root(),
+                admin_addr: std::net::SocketAddr::from(([127, 0, 0, 1], crate::free_port()?)),
+                log_path: node.work_dir().join(format!("agent-{}.log", node.name())),
+                extra_args: agent_args.clone(),
+            })?);
         }
         for a in &mut agents {
             a.wait_ready(std::time::Duration::from_secs(20))?;
@@ -547,6 +646,7 @@ impl PolicyFixture {
             workloads,
             ports: ports.to_vec(),
             probe_timeout_ms: 400,
+            mesh: opts.mesh.clone().unwrap_or_default(),
             topo,
         })
     }
@@ -605,15 +705,32 @@ impl PolicyFixture {
     /// `policies` (a disagreement there is reported too: the test's reading of Istio and the reference differ), and
     /// with `/debug/policy/check` of the destination's agent.
     pub fn verify(&self, policies: &[Value], wants: &[Want]) -> Result<Vec<String>> {
+        self.verify_on(policies, wants, false)
+    }
+
+    /// [`PolicyFixture::verify`] over IPv4 (`v6` false) or IPv6 (`v6` true: to the destinations' IPv6 addresses,
+    /// so the sources are seen with theirs; needs [`FixtureOptions::ipv6`]).
+    pub fn verify_on(&self, policies: &[Value], wants: &[Want], v6: bool) -> Result<Vec<String>> {
         let parsed = parse_policies(policies)?;
+        let ip_of = |w: &Workload| -> Result<IpAddr> {
+            if v6 {
+                w.pod
+                    .ip6
+                    .map(IpAddr::V6)
+                    .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv6 address", w.name()))
+            } else {
+                Ok(IpAddr::V4(w.pod.ip4))
+            }
+        };
         let mut problems = Vec::new();
         // Group the probes by (source, path): one probe process each.
         let mut jobs: BTreeMap<(String, ClientPath), Vec<(String, &Want, Proto)>> = BTreeMap::new();
         for wnt in wants {
             let src = self.w(&wnt.src);
             let dst = self.w(&wnt.dst);
+            let (src_ip, dst_ip) = (ip_of(src)?, ip_of(dst)?);
             for proto in Proto::BOTH {
-                let v = expected(&parsed, src, dst, wnt.port, proto);
+                let v = expected_with(&parsed, &self.mesh, src, src_ip, dst, wnt.port, proto);
                 if v.allowed != wnt.allow {
                     problems.push(format!(
                         "REFERENCE EVALUATOR DISAGREES with the test: {} -> {} {}/{}: test expects {}, reference \
@@ -632,7 +749,7 @@ impl PolicyFixture {
                 };
                 for path in paths {
                     jobs.entry((wnt.src.clone(), *path)).or_default().push((
-                        proto.target(IpAddr::V4(dst.pod.ip4), wnt.port),
+                        proto.target(dst_ip, wnt.port),
                         wnt,
                         proto,
                     ));
@@ -641,7 +758,7 @@ impl PolicyFixture {
             // What the agent explains must agree too.
             let from = match &src.service_account {
                 Some(_) => src.identity_key(),
-                None => src.pod.ip4.to_string(),
+                None => src_ip.to_string(),
             };
             match self
                 .agent_of(&wnt.dst)
@@ -707,8 +824,13 @@ impl PolicyFixture {
 
     /// [`PolicyFixture::verify`], panicking with the policies' YAML and every problem.
     pub fn assert_wants(&self, what: &str, policies: &[Value], wants: &[Want]) {
+        self.assert_wants_on(what, policies, wants, false)
+    }
+
+    /// [`PolicyFixture::verify_on`], panicking with the policies' YAML and every problem.
+    pub fn assert_wants_on(&self, what: &str, policies: &[Value], wants: &[Want], v6: bool) {
         let problems = self
-            .verify(policies, wants)
+            .verify_on(policies, wants, v6)
             .unwrap_or_else(|e| panic!("{what}: probing failed: {e:#}"));
         assert!(
             problems.is_empty(),

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sinew_tests::manifest::{Service, ServicePort, authorization_policy as ap};
 use sinew_tests::policy::{
-    PodSpec, PolicyFixture, Proto, Want, istio_principal, policy_key, spiffe, want,
+    FixtureOptions, Mesh, PodSpec, PolicyFixture, Proto, Want, Workload, istio_principal,
+    policy_key, spiffe, want,
 };
 use sinew_tests::testpod::{PROBE_EACCES, PROBE_OK};
 use sinew_tests::{Metrics, eventually, require_privileged, testpod_bin};
@@ -839,11 +840,18 @@ fn denials_show_up_in_flows_with_identities_and_the_deciding_policy() {
         return;
     }
     let f = fixture("pol-flows");
-    let p = [ap(
-        "prod",
-        "deny-cli",
-        json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("dev", "cli")])}]}),
-    )];
+    let p = [
+        ap(
+            "prod",
+            "deny-cli",
+            json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("dev", "cli")])}]}),
+        ),
+        ap(
+            "prod",
+            "audit-api",
+            json!({"selector": sel("web"), "action": "AUDIT", "rules": [{"from": from_principals(&[spiffe("prod", "api")])}]}),
+        ),
+    ];
     set(&f, &p);
     let a = &f.agents[0];
     let since = a.flows(0).expect("flows").next;
@@ -882,6 +890,27 @@ fn denials_show_up_in_flows_with_identities_and_the_deciding_policy() {
     assert_eq!(i.src_identity, "dev/cli", "{i:#?}");
     assert_eq!(i.dst_identity, "prod/web", "{i:#?}");
     assert_eq!(i.policy.as_deref(), Some("prod/deny-cli"), "{i:#?}");
+
+    // An AUDIT match is reported and does not change the verdict.
+    let since = a.flows(0).expect("flows").next;
+    let r = f.w("api").pod.probe(&target, 400).expect("probe");
+    assert_eq!(r.results[0].outcome, PROBE_OK, "AUDIT never denies: {r:?}");
+    let audit = eventually(Duration::from_secs(3), Duration::from_millis(50), || {
+        let fl = a.flows(since).map_err(|e| format!("{e:#}"))?;
+        fl.flows
+            .iter()
+            .find(|x| x.audit)
+            .cloned()
+            .ok_or_else(|| format!("no audit flow in {:#?}", fl.flows))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(audit.verdict, "allow", "{audit:#?}");
+    assert_eq!(audit.src_identity, "prod/api", "{audit:#?}");
+    assert_eq!(
+        audit.policy.as_deref(),
+        Some("prod/audit-api"),
+        "{audit:#?}"
+    );
 
     // The CLI shows the same.
     let cli = a.cli_flows().expect("mesh-agent flows -o json");
@@ -1092,4 +1121,279 @@ fn two_nodes_client_and_server_side_both_enforce_across_nodes() {
         "node-b counted no ingress denial (server-side probes): {}",
         series_like(&mb, "denials")
     );
+}
+
+/// Probes `src -> web:8080/tcp` (client side) every 20 ms until the outcome is `want`; panics after `bound`.
+fn wait_outcome(f: &PolicyFixture, src: &str, dst: &str, want: &str, bound: Duration) -> Duration {
+    let target = vec![Proto::Tcp.target(IpAddr::V4(f.w(dst).pod.ip4), 8080)];
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < bound {
+        let r = f.w(src).pod.probe(&target, 300).expect("probe");
+        last = r.results[0].outcome.clone();
+        if last == want {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{src} -> {dst}: still {last} after {bound:?}, want {want}");
+}
+
+#[test]
+fn pod_identity_label_and_membership_changes_reach_the_kernel() {
+    if !require_privileged("pod_identity_label_and_membership_changes_reach_the_kernel") {
+        return;
+    }
+    let mut f = fixture("pol-pod-churn");
+    let p = [
+        ap(
+            "prod",
+            "deny-cli",
+            json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("dev", "cli")])}]}),
+        ),
+        ap(
+            "prod",
+            "allow-known",
+            json!({"selector": sel("api"), "rules": [{"from": from_principals(&["*".to_string()])}]}),
+        ),
+    ];
+    set(&f, &p);
+    f.assert_wants(
+        "before any change",
+        &p,
+        &[
+            want("cli", "web", 8080, false),
+            want("api", "web", 8080, true),
+            want("web", "api", 8080, true),
+            want("outsider", "api", 8080, false),
+        ],
+    );
+
+    // cli's service account changes: the DENY names the old identity, so cli may connect now.
+    let i = f.workloads.iter().position(|w| w.name() == "cli").unwrap();
+    f.workloads[i].service_account = Some("cli2".into());
+    f.w("cli").write(&f.source).expect("write pod");
+    let took = wait_outcome(&f, "cli", "web", PROBE_OK, Duration::from_secs(3));
+    eprintln!("service account change applied after {took:?}");
+    f.assert_wants(
+        "cli runs as dev/cli2",
+        &p,
+        &[
+            want("cli", "web", 8080, true),
+            want("cli", "api", 8081, true),
+        ],
+    );
+
+    // cli is back to dev/cli: denied again.
+    f.workloads[i].service_account = Some("cli".into());
+    f.w("cli").write(&f.source).expect("write pod");
+    wait_outcome(&f, "cli", "web", PROBE_EACCES, Duration::from_secs(3));
+    // web loses its app=web label: the DENY no longer selects it.
+    let j = f.workloads.iter().position(|w| w.name() == "web").unwrap();
+    f.workloads[j].labels = [("app".to_string(), "web-v2".to_string())].into();
+    f.w("web").write(&f.source).expect("write pod");
+    let took = wait_outcome(&f, "cli", "web", PROBE_OK, Duration::from_secs(3));
+    eprintln!("label change applied after {took:?}");
+    f.assert_wants(
+        "web relabelled",
+        &p,
+        &[
+            want("cli", "web", 8080, true),
+            want("cli", "api", 8080, true),
+        ],
+    );
+
+    // A pod added later, with cli's identity, is judged as cli on both paths.
+    let late = f.topo.add_pod_in("node-a", "late", "dev").expect("add pod");
+    f.servers
+        .push(late.serve_ports(&PORTS, "late").expect("serve"));
+    let w = Workload::new(&late, "cli", &[("app", "cli")]);
+    w.write(&f.source).expect("write pod");
+    f.workloads.push(w);
+    // web back to app=web, so the DENY selects it again.
+    f.workloads[j].labels = [("app".to_string(), "web".to_string())].into();
+    f.w("web").write(&f.source).expect("write pod");
+    let took = wait_outcome(&f, "late", "web", PROBE_EACCES, Duration::from_secs(3));
+    eprintln!("new pod enforced after {took:?}");
+    f.assert_wants(
+        "a pod added later",
+        &p,
+        &[
+            want("late", "web", 8080, false),
+            want("late", "api", 8080, true),
+            want("api", "late", 8081, true),
+        ],
+    );
+
+    // api's Pod object is deleted: its address belongs to nobody now (the world), and no policy applies to it
+    // as a destination any more, so the outsider that `allow-known` kept out gets in.
+    let k = f.workloads.iter().position(|w| w.name() == "api").unwrap();
+    f.source.remove("pod-api.yaml").expect("rm pod");
+    f.workloads[k] = Workload::stranger(&f.workloads[k].pod.clone());
+    let to_api: Vec<String> = Proto::BOTH
+        .iter()
+        .map(|p| p.target(IpAddr::V4(f.w("api").pod.ip4), 8080))
+        .collect();
+    let start = Instant::now();
+    let mut last = Vec::new();
+    while start.elapsed() < Duration::from_secs(3) {
+        let r = f
+            .w("outsider")
+            .pod
+            .probe_unmanaged(&to_api, 300)
+            .expect("probe");
+        last = r.results.iter().map(|x| x.outcome.clone()).collect();
+        if last.iter().all(|o| o == PROBE_OK) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        last,
+        vec![PROBE_OK, PROBE_OK],
+        "outsider -> deleted api (no policy applies to an unknown address)"
+    );
+    eprintln!("pod deletion applied after {:?}", start.elapsed());
+    f.assert_wants(
+        "api deleted",
+        &p,
+        &[
+            want("api", "web", 8080, true),
+            want("cli", "web", 8080, false),
+        ],
+    );
+}
+
+#[test]
+fn custom_trust_domain_and_mesh_root_namespace() {
+    if !require_privileged("custom_trust_domain_and_mesh_root_namespace") {
+        return;
+    }
+    let mesh = Mesh {
+        trust_domain: "example.org".into(),
+        root_namespace: "mesh-root".into(),
+    };
+    let f = PolicyFixture::setup_with(
+        "pol-td",
+        testpod_bin!(),
+        &[("node-a", pods())],
+        &PORTS,
+        &[],
+        &FixtureOptions {
+            mesh: Some(mesh),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("setup: {e:#}"));
+    let p = [
+        // The configured root namespace applies mesh-wide...
+        ap(
+            "mesh-root",
+            "allow-cli-to-web",
+            json!({"selector": sel("web"), "rules": [{"from": [{"source": {"principals": ["spiffe://example.org/ns/dev/sa/cli"]}}]}]}),
+        ),
+        // ...a principal in another trust domain never matches...
+        ap(
+            "prod",
+            "allow-api-other-td",
+            json!({"selector": sel("web"), "rules": [{"from": from_principals(&[istio_principal("prod", "api")])}]}),
+        ),
+        // ...and the default root namespace is an ordinary (empty) namespace now.
+        ap(
+            "sinew-system",
+            "deny-cli-everywhere",
+            json!({"action": "DENY", "rules": [{"from": [{"source": {"principals": ["example.org/ns/dev/sa/cli"]}}]}]}),
+        ),
+    ];
+    set(&f, &p);
+    f.assert_wants(
+        "trust domain example.org, root namespace mesh-root",
+        &p,
+        &[
+            want("cli", "web", 8080, true),
+            want("api", "web", 8080, false),
+            want("outsider", "web", 8081, false),
+            want("cli", "api", 8080, true),
+            want("cli", "cli", 8080, true),
+        ],
+    );
+    let c = f.agents[0]
+        .policy_check("dev/cli", "prod/web", 8080, "tcp")
+        .expect("check");
+    assert_eq!(
+        c.policy.as_deref(),
+        Some("mesh-root/allow-cli-to-web"),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn ipv6_and_v4_mapped_connections_are_judged_like_ipv4() {
+    if !require_privileged("ipv6_and_v4_mapped_connections_are_judged_like_ipv4") {
+        return;
+    }
+    let f = PolicyFixture::setup_with(
+        "pol-ipv6",
+        testpod_bin!(),
+        &[("node-a", pods())],
+        &PORTS,
+        &[],
+        &FixtureOptions {
+            ipv6: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("setup: {e:#}"));
+    let outsider6 = format!("{}/128", f.w("outsider").pod.ip6.expect("ipv6"));
+    let p = [
+        ap(
+            "prod",
+            "deny-cli",
+            json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("dev", "cli")])}]}),
+        ),
+        ap(
+            "prod",
+            "allow-api",
+            json!({"selector": sel("api"), "rules": [
+                {"from": [{"source": {"ipBlocks": [outsider6]}}]},
+                {"from": from_principals(&[spiffe("dev", "cli")])},
+            ]}),
+        ),
+    ];
+    set(&f, &p);
+    let wants = [
+        want("cli", "web", 8080, false),
+        want("api", "web", 8081, true),
+        want("cli", "api", 8080, true),
+        want("web", "api", 8080, false),
+    ];
+    f.assert_wants_on("over IPv6", &p, &wants, true);
+    f.assert_wants("over IPv4", &p, &wants);
+    // The outsider's IPv6 address is in the block, its IPv4 address is not.
+    f.assert_wants_on(
+        "outsider over IPv6",
+        &p,
+        &[want("outsider", "api", 8080, true)],
+        true,
+    );
+    f.assert_wants(
+        "outsider over IPv4",
+        &p,
+        &[want("outsider", "api", 8080, false)],
+    );
+    // An AF_INET6 socket connecting to a v4-mapped address goes through connect6/sendmsg6.
+    let web4 = f.w("web").pod.ip4;
+    let mapped = vec![
+        format!("tcp:[::ffff:{web4}]:8080"),
+        format!("udp:[::ffff:{web4}]:8080"),
+    ];
+    for (src, want_outcome) in [("cli", PROBE_EACCES), ("api", PROBE_OK)] {
+        let r = f.w(src).pod.probe(&mapped, 400).expect("probe");
+        let got: Vec<&str> = r.results.iter().map(|x| x.outcome.as_str()).collect();
+        assert_eq!(
+            got,
+            vec![want_outcome, want_outcome],
+            "{src} -> [::ffff:{web4}]:8080: {r:?}"
+        );
+    }
 }

@@ -303,6 +303,8 @@ pub struct Observation {
     pub outcome: String,
     /// How long the probe took.
     pub elapsed_ms: f64,
+    /// Over IPv6.
+    pub ipv6: bool,
 }
 
 /// An observation that disagrees with the reference.
@@ -325,8 +327,9 @@ impl fmt::Display for Mismatch {
         let o = &self.observed;
         write!(
             f,
-            "{src} [{sid}] -> {dst} [{dkey}] {proto}/{port}, {path}: expected {exp} ({verdict}), observed {obs} \
-             after {ms:.1} ms",
+            "{src} [{sid}] -> {dst} [{dkey}] {proto}/{port} over {family}, {path}: expected {exp} ({verdict}), \
+             observed {obs} after {ms:.1} ms",
+            family = if o.ipv6 { "IPv6" } else { "IPv4" },
             src = o.src,
             sid = self.src_identity,
             dst = o.dst,
@@ -355,6 +358,8 @@ pub struct Matrix<'a> {
     pub protos: Vec<Proto>,
     /// Per-probe timeout.
     pub timeout_ms: u64,
+    /// Probe the destinations' IPv6 addresses (the sources are then seen with theirs) instead of IPv4.
+    pub ipv6: bool,
 }
 
 impl Matrix<'_> {
@@ -363,9 +368,10 @@ impl Matrix<'_> {
         let mut targets = Vec::new();
         let mut keys = Vec::new();
         for d in &self.destinations {
+            let ip = self.ip(d)?;
             for &port in &self.ports {
                 for &proto in &self.protos {
-                    targets.push(proto.target(IpAddr::V4(d.pod.ip4), port));
+                    targets.push(proto.target(ip, port));
                     keys.push((d.name().to_string(), port, proto));
                 }
             }
@@ -407,10 +413,23 @@ impl Matrix<'_> {
                     path: *path,
                     outcome: r.outcome.clone(),
                     elapsed_ms: r.elapsed_ms,
+                    ipv6: self.ipv6,
                 });
             }
         }
         Ok(out)
+    }
+
+    /// The address of `w` this matrix uses.
+    fn ip(&self, w: &Workload) -> Result<IpAddr> {
+        if self.ipv6 {
+            w.pod
+                .ip6
+                .map(IpAddr::V6)
+                .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv6 address", w.name()))
+        } else {
+            Ok(IpAddr::V4(w.pod.ip4))
+        }
     }
 
     /// Compares observations with the reference verdicts for `policies`.
@@ -432,7 +451,16 @@ impl Matrix<'_> {
             .filter_map(|o| {
                 let src = find(&o.src);
                 let dst = find(&o.dst);
-                let v = expected(policies, src, dst, o.port, o.proto);
+                let src_ip = self.ip(src).expect("probed, so it has the address");
+                let v = expected_with(
+                    policies,
+                    &Mesh::default(),
+                    src,
+                    src_ip,
+                    dst,
+                    o.port,
+                    o.proto,
+                );
                 let want = if v.allowed {
                     PROBE_OK
                 } else {

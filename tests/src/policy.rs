@@ -305,6 +305,8 @@ pub struct Observation {
     pub elapsed_ms: f64,
     /// Over IPv6.
     pub ipv6: bool,
+    /// Through this Service VIP (`ip:port`) rather than to the pod's address.
+    pub via: Option<String>,
 }
 
 /// An observation that disagrees with the reference.
@@ -327,9 +329,14 @@ impl fmt::Display for Mismatch {
         let o = &self.observed;
         write!(
             f,
-            "{src} [{sid}] -> {dst} [{dkey}] {proto}/{port} over {family}, {path}: expected {exp} ({verdict}), \
-             observed {obs} after {ms:.1} ms",
+            "{src} [{sid}] -> {dst} [{dkey}] {proto}/{port} over {family}{via}, {path}: expected {exp} \
+             ({verdict}), observed {obs} after {ms:.1} ms",
             family = if o.ipv6 { "IPv6" } else { "IPv4" },
+            via = o
+                .via
+                .as_ref()
+                .map(|v| format!(" via Service VIP {v}"))
+                .unwrap_or_default(),
             src = o.src,
             sid = self.src_identity,
             dst = o.dst,
@@ -360,22 +367,55 @@ pub struct Matrix<'a> {
     pub timeout_ms: u64,
     /// Probe the destinations' IPv6 addresses (the sources are then seen with theirs) instead of IPv4.
     pub ipv6: bool,
+    /// Service VIPs to probe too (IPv4, client-side path only), each for every protocol in `protos`.
+    pub vips: Vec<Vip>,
+}
+
+/// A Service VIP with exactly one backend, `dst`. Only the source's own connect hook translates a VIP, so VIPs are
+/// probed on the client-side path only; the policy sees the target port.
+#[derive(Debug, Clone)]
+pub struct Vip {
+    /// The backend pod.
+    pub dst: String,
+    /// The ClusterIP.
+    pub ip: IpAddr,
+    /// (Service port, target port), the same for TCP and UDP.
+    pub ports: Vec<(u16, u16)>,
 }
 
 impl Matrix<'_> {
     /// Probes everything: one `sinew-testpod probe` process per (source, path), all at the same time.
     pub fn run(&self) -> Result<Vec<Observation>> {
-        let mut targets = Vec::new();
-        let mut keys = Vec::new();
+        // (target, (destination, target port, protocol, via VIP)).
+        type Key = (String, u16, Proto, Option<String>);
+        let mut direct: Vec<(String, Key)> = Vec::new();
         for d in &self.destinations {
             let ip = self.ip(d)?;
             for &port in &self.ports {
                 for &proto in &self.protos {
-                    targets.push(proto.target(ip, port));
-                    keys.push((d.name().to_string(), port, proto));
+                    direct.push((
+                        proto.target(ip, port),
+                        (d.name().to_string(), port, proto, None),
+                    ));
                 }
             }
         }
+        let mut via_vip: Vec<(String, Key)> = Vec::new();
+        for v in &self.vips {
+            for &(svc_port, target_port) in &v.ports {
+                for &proto in &self.protos {
+                    let t = proto.target(v.ip, svc_port);
+                    let via = Some(format!("{}:{svc_port}", v.ip));
+                    via_vip.push((t, (v.dst.clone(), target_port, proto, via)));
+                }
+            }
+        }
+        let list_for = |path: ClientPath| -> Vec<&(String, Key)> {
+            match path {
+                ClientPath::Client => direct.iter().chain(&via_vip).collect(),
+                ClientPath::Server => direct.iter().collect(),
+            }
+        };
         let jobs: Vec<(&Workload, ClientPath)> = self
             .sources
             .iter()
@@ -385,11 +425,14 @@ impl Matrix<'_> {
             let handles: Vec<_> = jobs
                 .iter()
                 .map(|(src, path)| {
-                    let targets = &targets;
+                    let targets: Vec<String> = list_for(*path)
+                        .into_iter()
+                        .map(|(t, _)| t.clone())
+                        .collect();
                     let timeout = self.timeout_ms;
                     scope.spawn(move || match path {
-                        ClientPath::Client => src.pod.probe(targets, timeout),
-                        ClientPath::Server => src.pod.probe_unmanaged(targets, timeout),
+                        ClientPath::Client => src.pod.probe(&targets, timeout),
+                        ClientPath::Server => src.pod.probe_unmanaged(&targets, timeout),
                     })
                 })
                 .collect();
@@ -404,7 +447,7 @@ impl Matrix<'_> {
         let mut out = Vec::new();
         for ((src, path), report) in jobs.iter().zip(reports) {
             let report = report.with_context(|| format!("probing from {} ({path})", src.name()))?;
-            for (r, (dst, port, proto)) in report.results.iter().zip(&keys) {
+            for (r, (_, (dst, port, proto, via))) in report.results.iter().zip(list_for(*path)) {
                 out.push(Observation {
                     src: src.name().to_string(),
                     dst: dst.clone(),
@@ -413,7 +456,8 @@ impl Matrix<'_> {
                     path: *path,
                     outcome: r.outcome.clone(),
                     elapsed_ms: r.elapsed_ms,
-                    ipv6: self.ipv6,
+                    ipv6: self.ipv6 && via.is_none(),
+                    via: via.clone(),
                 });
             }
         }
@@ -422,14 +466,7 @@ impl Matrix<'_> {
 
     /// The address of `w` this matrix uses.
     fn ip(&self, w: &Workload) -> Result<IpAddr> {
-        if self.ipv6 {
-            w.pod
-                .ip6
-                .map(IpAddr::V6)
-                .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv6 address", w.name()))
-        } else {
-            Ok(IpAddr::V4(w.pod.ip4))
-        }
+        address(w, self.ipv6)
     }
 
     /// Compares observations with the reference verdicts for `policies`.
@@ -451,7 +488,7 @@ impl Matrix<'_> {
             .filter_map(|o| {
                 let src = find(&o.src);
                 let dst = find(&o.dst);
-                let src_ip = self.ip(src).expect("probed, so it has the address");
+                let src_ip = address(src, o.ipv6).expect("probed, so it has the address");
                 let v = expected_with(
                     policies,
                     &Mesh::default(),
@@ -867,6 +904,18 @@ impl PolicyFixture {
             problems.join("\n  "),
             policies_yaml(policies)
         );
+    }
+}
+
+/// `w`'s IPv6 (`v6`) or IPv4 address.
+fn address(w: &Workload, v6: bool) -> Result<IpAddr> {
+    if v6 {
+        w.pod
+            .ip6
+            .map(IpAddr::V6)
+            .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv6 address", w.name()))
+    } else {
+        Ok(IpAddr::V4(w.pod.ip4))
     }
 }
 

@@ -14,6 +14,11 @@
 //! | b2 | node-b | gamma | db | app=db, tier=data |
 //! | x1 | node-a | (none) | (none) | |
 //!
+//! Every round probes every (source, destination, port, protocol) from each source in its cgroup (client side:
+//! denied means `EACCES`) and outside it (server side: denied means a timeout), alternating IPv4 and IPv6 rounds,
+//! plus each known pod's own Service VIP (ports 80-82 to target ports 8080-8082; client side only, since only
+//! the source's connect hook translates a VIP).
+//!
 //! `SINEW_POLICY_DIFF_ROUNDS` sets the number of random sets (default [`DEFAULT_ROUNDS`]), `SINEW_POLICY_DIFF_SEED`
 //! the seed (default: from the clock; always printed). `SINEW_POLICY_DIFF_TOLERATE=udp-reply` is a diagnostic aid
 //! for hunting further bugs while a known one is open: it does not fail on mismatches whose only explanation is
@@ -24,10 +29,10 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sinew_tests::manifest::authorization_policy as ap;
+use sinew_tests::manifest::{EndpointSlice, Service, ServicePort, authorization_policy as ap};
 use sinew_tests::policy::{
     ClientPath, FixtureOptions, Matrix, Mismatch, POLICY_FILE, PodSpec, PolicyFixture, Proto,
-    ROOT_NAMESPACE, Rng, Workload, expected, istio_principal, parse_policies, policies_yaml,
+    ROOT_NAMESPACE, Rng, Vip, Workload, expected, istio_principal, parse_policies, policies_yaml,
     policy_key, spiffe,
 };
 use sinew_tests::testpod::{PROBE_OK, ProbeLoopReport};
@@ -67,6 +72,38 @@ fn universe() -> Vec<(&'static str, Vec<PodSpec>)> {
 
 fn env_u64(key: &str) -> Option<u64> {
     std::env::var(key).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// The ClusterIP of the `i`th known pod's Service.
+fn vip_of(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(10, 96, 1, 10 + i as u8)
+}
+
+/// One selector-less Service per known pod, in the pod's namespace, with that pod as its only endpoint: ports
+/// 80, 81, 82 (TCP and UDP) to target ports 8080, 8081, 8082. The `i`th known pod's VIP is [`vip_of`]`(i)`.
+fn services(known: &[&Workload]) -> Vec<Value> {
+    let mut objects = Vec::new();
+    for (i, w) in known.iter().enumerate() {
+        let name = format!("svc-{}", w.name());
+        let mut svc = Service::new(&name, &vip_of(i).to_string());
+        svc.namespace = w.namespace().to_string();
+        let mut es = EndpointSlice::new(&name, "manual").endpoint(IpAddr::V4(w.pod.ip4), true);
+        es.namespace = w.namespace().to_string();
+        for port in PORTS {
+            let sp = u32::from(port - 8000);
+            svc = svc
+                .port(ServicePort::tcp(&format!("t{port}"), sp, port.into()))
+                .port(ServicePort::udp(&format!("u{port}"), sp, port.into()));
+            es = es.port(&format!("t{port}"), port.into(), "TCP").port(
+                &format!("u{port}"),
+                port.into(),
+                "UDP",
+            );
+        }
+        objects.push(svc.to_value());
+        objects.push(es.to_value());
+    }
+    objects
 }
 
 /// A random policy set over the universe.
@@ -347,7 +384,31 @@ fn kernel_verdicts_equal_the_reference_for_random_policy_sets() {
         protos: Proto::BOTH.to_vec(),
         timeout_ms: 400,
         ipv6: false,
+        vips: known
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Vip {
+                dst: w.name().to_string(),
+                ip: IpAddr::V4(vip_of(i)),
+                ports: PORTS.iter().map(|&p| (p - 8000, p)).collect(),
+            })
+            .collect(),
     };
+    f.source
+        .write("services.yaml", &services(&known))
+        .expect("write services");
+    for a in &f.agents {
+        sinew_tests::eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+            let d = a.cli().dump_services().map_err(|e| format!("{e:#}"))?;
+            let ready = d.iter().filter(|s| s.count == 1).count();
+            if ready == known.len() * PORTS.len() * 2 {
+                Ok(())
+            } else {
+                Err(format!("{ready} service ports with their backend: {d:?}"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("services not in the maps: {e}"));
+    }
     let mut failing_rounds = Vec::new();
     let mut total_probes = 0usize;
     let mut total_mismatches = 0usize;

@@ -107,6 +107,10 @@ pub struct UdpReport {
     pub errors: BTreeMap<String, u32>,
     /// The first failures (at most 50).
     pub failures: Vec<Failure>,
+    /// With `--timeline`: every datagram's wall-clock send time (ms since the epoch) and outcome (`ok`, or
+    /// `<stage>:<errno>`), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<(u64, String)>,
 }
 
 /// Result of `rr`: request/response over one connection.

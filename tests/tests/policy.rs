@@ -1397,3 +1397,106 @@ fn ipv6_and_v4_mapped_connections_are_judged_like_ipv4() {
         );
     }
 }
+
+#[test]
+fn udp_flows_on_one_socket_are_judged_again_after_each_change() {
+    if !require_privileged("udp_flows_on_one_socket_are_judged_again_after_each_change") {
+        return;
+    }
+    let f = fixture("pol-udp-rejudge");
+    set(&f, &[]);
+    let to = format!("{}:8080", f.w("web").pod.ip4);
+    let cli = &f.w("cli").pod;
+    // One socket each, a datagram every 50 ms for 8 s: unconnected and connected from cli's cgroup (the sendmsg
+    // hook sees only the unconnected one's datagrams), and unconnected from outside it (server side only).
+    let args = |cmd: &'static str| -> Vec<String> {
+        [
+            cmd,
+            "--to",
+            &to,
+            "--count",
+            "1000",
+            "--interval-ms",
+            "50",
+            "--timeout-ms",
+            "200",
+            "--duration-ms",
+            "8000",
+            "--timeline",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let spawn = |cmd: &'static str, managed: bool| {
+        let a = args(cmd);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        if managed {
+            cli.testpod(&a)
+        } else {
+            cli.spawn_unmanaged(f.topo.testpod_bin(), &a)
+        }
+        .expect("spawn udp sender")
+    };
+    let senders = [
+        ("unconnected, client side", spawn("udp-send", true)),
+        ("connected, client side", spawn("udp-connected", true)),
+        ("unconnected, server side", spawn("udp-send", false)),
+    ];
+    let deny = [ap(
+        "prod",
+        "deny-cli-udp",
+        json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("dev", "cli")])}]}),
+    )];
+    std::thread::sleep(Duration::from_millis(1500));
+    let denied_written = sinew_tests::unix_ms();
+    set(&f, &deny);
+    let denied_in_force = sinew_tests::unix_ms();
+    std::thread::sleep(Duration::from_millis(2500));
+    let allowed_written = sinew_tests::unix_ms();
+    set(&f, &[]);
+    let allowed_in_force = sinew_tests::unix_ms();
+    let mut problems = Vec::new();
+    for (what, p) in senders {
+        let out = p.wait(Duration::from_secs(20)).expect("sender ends");
+        let r: sinew_tests::testpod::UdpReport = out.json().expect("udp report");
+        let mut counts = [0usize; 3];
+        for (t, outcome) in &r.timeline {
+            let ok = outcome == "ok";
+            let phase = if *t < denied_written {
+                Some((0, true))
+            } else if *t >= denied_in_force + 1000 && *t + 250 < allowed_written {
+                Some((1, false))
+            } else if *t >= allowed_in_force + 1000 {
+                Some((2, true))
+            } else {
+                None
+            };
+            if let Some((i, want_ok)) = phase {
+                counts[i] += 1;
+                if ok != want_ok {
+                    problems.push(format!(
+                        "{what}: datagram at {t} (phase {i}) {outcome}, want {}",
+                        if want_ok { "ok" } else { "denied" }
+                    ));
+                }
+                if what == "unconnected, client side" && !ok && outcome != "send:EACCES" {
+                    problems.push(format!("{what}: denied as {outcome}, not send:EACCES"));
+                }
+            }
+        }
+        eprintln!(
+            "{what}: datagrams checked per phase {counts:?}; errors {:?}",
+            r.errors
+        );
+        if counts.iter().any(|&c| c < 3) {
+            problems.push(format!("{what}: too few datagrams per phase {counts:?}"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problem(s) (deny written {denied_written}, in force {denied_in_force}; removed {allowed_written}, \
+         in force {allowed_in_force}):\n  {}",
+        problems.len(),
+        problems.join("\n  ")
+    );
+}

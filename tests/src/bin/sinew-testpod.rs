@@ -11,8 +11,9 @@
 //! sinew-testpod udp-echo    --port P --name NAME            (serve, UDP only)
 //! sinew-testpod echo-server --port P [--name NAME]          (serve; name defaults to "echo")
 //! sinew-testpod tcp-connect --to ADDR --count N [--interval-ms M] [--timeout-ms T] [--progress-every K]
-//! sinew-testpod udp-send    --to ADDR --count N [--interval-ms M] [--timeout-ms T] [--new-socket-each]
-//! sinew-testpod udp-connected --to ADDR --count N [--interval-ms M] [--timeout-ms T]
+//! sinew-testpod udp-send    --to ADDR --count N [--interval-ms M] [--timeout-ms T] [--new-socket-each] [--timeline]
+//!                           [--duration-ms D]
+//! sinew-testpod udp-connected --to ADDR --count N [--interval-ms M] [--timeout-ms T] [--timeline] [--duration-ms D]
 //! sinew-testpod rr          --to ADDR [--size S] [--duration-ms D] [--max-requests N] [--timeout-ms T]
 //! sinew-testpod crr         --to ADDR [--size S] [--duration-ms D] [--max N] [--timeout-ms T]
 //! sinew-testpod probe       --targets PROTO:ADDR,PROTO:ADDR,.. [--timeout-ms T]      (PROTO: tcp | udp)
@@ -95,7 +96,13 @@ struct Opts {
 
 impl Opts {
     fn parse(args: &[String]) -> Opts {
-        const FLAGS: [&str; 4] = ["tcp-only", "udp-only", "new-socket-each", "v4-only"];
+        const FLAGS: [&str; 5] = [
+            "tcp-only",
+            "udp-only",
+            "new-socket-each",
+            "v4-only",
+            "timeline",
+        ];
         let mut values = HashMap::new();
         let mut flags = Vec::new();
         let mut it = args.iter();
@@ -464,11 +471,12 @@ fn udp_send(opts: &Opts, connected: bool) -> UdpReport {
     let interval = opts.ms("interval-ms", 0);
     let timeout = opts.ms("timeout-ms", 1000).max(Duration::from_millis(1));
     let new_each = opts.flag("new-socket-each");
+    let timeline = opts.flag("timeline");
     let mut r = UdpReport {
         to: to.to_string(),
         ..Default::default()
     };
-    let run_deadline = Instant::now() + MAX_DURATION;
+    let run_deadline = Instant::now() + opts.ms("duration-ms", MAX_DURATION.as_millis() as u64);
     let mut sock: Option<UdpSocket> = None;
     let mut buf = [0u8; 2048];
     for i in 0..count {
@@ -479,74 +487,77 @@ fn udp_send(opts: &Opts, connected: bool) -> UdpReport {
             std::thread::sleep(interval);
         }
         let t0 = Instant::now();
-        let fail = |r: &mut UdpReport, stage: &str, e: io::Error| {
+        let sent_unix_ms = sinew_tests::unix_ms();
+        let fail = |r: &mut UdpReport, stage: &str, e: io::Error| -> String {
             r.failed += 1;
-            *r.errors
-                .entry(format!("{stage}:{}", err_key(&e)))
-                .or_default() += 1;
+            let key = format!("{stage}:{}", err_key(&e));
+            *r.errors.entry(key.clone()).or_default() += 1;
             if r.failures.len() < MAX_FAILURES {
                 r.failures.push(failure(i, stage, &e, t0));
             }
+            key
         };
-        if sock.is_none() || new_each {
-            match udp_socket_for(&to).and_then(|s| {
-                s.set_read_timeout(Some(timeout))?;
-                if connected {
-                    s.connect(to)?;
-                }
-                Ok(s)
-            }) {
-                Ok(s) => sock = Some(s),
-                Err(e) => {
-                    fail(&mut r, "socket", e);
-                    continue;
+        let outcome: String = 'one: {
+            if sock.is_none() || new_each {
+                match udp_socket_for(&to).and_then(|s| {
+                    s.set_read_timeout(Some(timeout))?;
+                    if connected {
+                        s.connect(to)?;
+                    }
+                    Ok(s)
+                }) {
+                    Ok(s) => sock = Some(s),
+                    Err(e) => break 'one fail(&mut r, "socket", e),
                 }
             }
-        }
-        let s = sock.as_ref().expect("socket just made");
-        let payload = format!("ping {i}");
-        let sent = if connected {
-            s.send(payload.as_bytes())
-        } else {
-            s.send_to(payload.as_bytes(), to)
-        };
-        if let Err(e) = sent {
-            fail(&mut r, "send", e);
-            continue;
-        }
-        r.sent += 1;
-        // Stray replies (e.g. a late answer to an earlier datagram) are skipped; 8 reads bound the loop.
-        let mut got = None;
-        for _ in 0..8 {
-            let res = if connected {
-                s.recv(&mut buf).and_then(|n| Ok((n, s.peer_addr()?)))
+            let s = sock.as_ref().expect("socket just made");
+            let payload = format!("ping {i}");
+            let sent = if connected {
+                s.send(payload.as_bytes())
             } else {
-                s.recv_from(&mut buf)
+                s.send_to(payload.as_bytes(), to)
             };
-            match res {
-                Ok((n, from)) => {
-                    got = Some(Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from)));
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    got = Some(Err(e));
-                    break;
+            if let Err(e) = sent {
+                break 'one fail(&mut r, "send", e);
+            }
+            r.sent += 1;
+            // Stray replies (e.g. a late answer to an earlier datagram) are skipped; 8 reads bound the loop.
+            let mut got = None;
+            for _ in 0..8 {
+                let res = if connected {
+                    s.recv(&mut buf).and_then(|n| Ok((n, s.peer_addr()?)))
+                } else {
+                    s.recv_from(&mut buf)
+                };
+                match res {
+                    Ok((n, from)) => {
+                        got = Some(Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from)));
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        got = Some(Err(e));
+                        break;
+                    }
                 }
             }
-        }
-        match got {
-            Some(Ok((name, from))) => {
-                r.received += 1;
-                *r.names.entry(name).or_default() += 1;
-                *r.sources.entry(addr_key(&from)).or_default() += 1;
+            match got {
+                Some(Ok((name, from))) => {
+                    r.received += 1;
+                    *r.names.entry(name).or_default() += 1;
+                    *r.sources.entry(addr_key(&from)).or_default() += 1;
+                    "ok".to_string()
+                }
+                Some(Err(e)) => fail(&mut r, "recv", e),
+                None => fail(
+                    &mut r,
+                    "recv",
+                    io::Error::new(io::ErrorKind::TimedOut, "no reply"),
+                ),
             }
-            Some(Err(e)) => fail(&mut r, "recv", e),
-            None => fail(
-                &mut r,
-                "recv",
-                io::Error::new(io::ErrorKind::TimedOut, "no reply"),
-            ),
+        };
+        if timeline {
+            r.timeline.push((sent_unix_ms, outcome));
         }
     }
     r

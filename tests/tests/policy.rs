@@ -696,6 +696,48 @@ fn bad_policies() -> Vec<(&'static str, &'static str, &'static str, Value)> {
             "ports",
             p(json!({"to": [{"operation": {"ports": [70000]}}]})),
         ),
+        (
+            "bad-custom.yaml",
+            "bad-custom",
+            "action",
+            json!({"selector": sel("api"), "action": "CUSTOM", "rules": [{}]}),
+        ),
+        (
+            "bad-from-empty.yaml",
+            "bad-from-empty",
+            "from",
+            p(json!({"from": []})),
+        ),
+        (
+            "bad-typo.yaml",
+            "bad-typo",
+            "form",
+            p(json!({"form": [{"source": {"principals": ["*"]}}]})),
+        ),
+        (
+            "bad-namespace.yaml",
+            "bad-namespace",
+            "namespaces",
+            p(json!({"from": [{"source": {"namespaces": ["Prod"]}}]})),
+        ),
+        (
+            "bad-wildcard.yaml",
+            "bad-wildcard",
+            "principals",
+            p(json!({"from": [{"source": {"principals": ["cluster.local/ns/*/sa/cli"]}}]})),
+        ),
+        (
+            "bad-not-port.yaml",
+            "bad-not-port",
+            "notPorts",
+            p(json!({"to": [{"operation": {"notPorts": ["0"]}}]})),
+        ),
+        (
+            "bad-cidr-text.yaml",
+            "bad-cidr-text",
+            "notIpBlocks",
+            p(json!({"from": [{"source": {"notIpBlocks": ["10.0.0.1/"]}}]})),
+        ),
     ]
 }
 
@@ -727,7 +769,11 @@ fn bad_input_is_rejected_naming_the_field_and_the_rest_stays_in_force() {
         let missing: Vec<&str> = names
             .iter()
             .copied()
-            .filter(|n| !st.rejected.iter().any(|r| r.object.contains(n)))
+            .filter(|n| {
+                !st.rejected
+                    .iter()
+                    .any(|r| r.object.ends_with(&format!("/{n}")))
+            })
             .collect();
         if missing.is_empty() {
             Ok(st)
@@ -740,7 +786,7 @@ fn bad_input_is_rejected_naming_the_field_and_the_rest_stays_in_force() {
         let r = st
             .rejected
             .iter()
-            .find(|r| r.object.contains(name))
+            .find(|r| r.object.ends_with(&format!("/{name}")))
             .expect("rejected");
         assert!(
             r.reason.contains(field),
@@ -754,7 +800,7 @@ fn bad_input_is_rejected_naming_the_field_and_the_rest_stays_in_force() {
                 && s.value >= 1.0
                 && s.labels
                     .values()
-                    .any(|v| v.contains(name) || v.contains(file))),
+                    .any(|v| v.ends_with(&format!("/{name}")) || v.ends_with(&format!("/{file}")))),
             "sinew_source_rejected has nothing for {name}: {}",
             series_like(&m, "rejected")
         );

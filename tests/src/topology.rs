@@ -392,6 +392,8 @@ impl Node {
         let netns = Netns::new(&format!("{id}-{name}"))?;
         let cgroup = Cgroup::new(&format!("{id}-{name}"))?;
         let outside = Cgroup::new(&format!("{id}-{name}-out"))?;
+        // Processes of the node itself (not of a pod), outside the node's cgroup root: see `Node::command_unmanaged`.
+        outside.child("node")?;
         let bpffs = Bpffs::new(&format!("{id}-{name}"), Some(cgroup.path()))?;
         let node = Node {
             id: id.to_string(),
@@ -541,6 +543,45 @@ impl Node {
     /// The node's network namespace.
     pub fn netns(&self) -> &Netns {
         self.netns.as_ref().expect("node alive")
+    }
+
+    /// A command that runs `program` in the node's network namespace (a host process: kubelet probes,
+    /// host-network pods), outside the node's cgroup root (in the harness's sibling cgroup).
+    pub fn command_unmanaged(&self, program: impl AsRef<OsStr>) -> Result<Command> {
+        let mut cmd = Command::new(program);
+        let cg = self
+            .outside
+            .as_ref()
+            .expect("node alive")
+            .path()
+            .join("node")
+            .join("cgroup.procs");
+        crate::sys::enter_pod(&mut cmd, &cg, &self.netns().path())?;
+        Ok(cmd)
+    }
+
+    /// `sinew-testpod probe` from the node's network namespace ([`Node::command_unmanaged`]).
+    pub fn probe_unmanaged(&self, targets: &[String], timeout_ms: u64) -> Result<ProbeReport> {
+        let mut cmd = self.command_unmanaged(&self.testpod)?;
+        let list = targets.join(",");
+        cmd.args([
+            "probe",
+            "--targets",
+            &list,
+            "--timeout-ms",
+            &timeout_ms.to_string(),
+        ]);
+        let label = format!(
+            "node-{}-probe-{}",
+            self.name,
+            PROC_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let bound = Duration::from_millis(
+            targets.len().div_ceil(128).max(1) as u64 * (timeout_ms + 500) + 10_000,
+        );
+        let out = Proc::spawn(&label, cmd, &self.work_dir.join("pods"))?.wait(bound)?;
+        out.json()
+            .with_context(|| format!("node {}: sinew-testpod probe", self.name))
     }
 
     /// The node's cgroup root (the agent's `--cgroup-root`); pods are its children `pod-<name>`.

@@ -1546,3 +1546,88 @@ fn udp_flows_on_one_socket_are_judged_again_after_each_change() {
         problems.join("\n  ")
     );
 }
+
+#[test]
+fn the_node_itself_is_no_workload_identity_and_is_matched_by_ip_blocks() {
+    if !require_privileged("the_node_itself_is_no_workload_identity_and_is_matched_by_ip_blocks") {
+        return;
+    }
+    let f = fixture("pol-host");
+    let node = f.topo.node("node-a");
+    let host_ip = IpAddr::V4(node.bridge_ip4());
+    // The node as a source: no workload identity, its bridge address.
+    let mut host = Workload::stranger(&f.w("outsider").pod);
+    host.pod.name = "node-a".into();
+    let targets: Vec<String> = Proto::BOTH
+        .iter()
+        .map(|p| p.target(IpAddr::V4(f.w("web").pod.ip4), 8080))
+        .collect();
+    let cases = [
+        (
+            "ALLOW principals [*]",
+            vec![ap(
+                "prod",
+                "host-allow-any-principal",
+                json!({"selector": sel("web"), "rules": [{"from": from_principals(&["*".to_string()])}]}),
+            )],
+        ),
+        (
+            "ALLOW ipBlocks [node/32]",
+            vec![ap(
+                "prod",
+                "host-allow-node-ip",
+                json!({"selector": sel("web"), "rules": [{"from": [{"source": {"ipBlocks": [format!("{host_ip}/32")]}}]}]}),
+            )],
+        ),
+        (
+            "DENY notNamespaces [prod]",
+            vec![ap(
+                "prod",
+                "host-deny-not-prod",
+                json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": [{"source": {"notNamespaces": ["prod"]}}]}]}),
+            )],
+        ),
+    ];
+    for (what, p) in cases {
+        set(&f, &p);
+        let parsed = sinew_tests::policy::parse_policies(&p).expect("parse");
+        let r = node
+            .probe_unmanaged(&targets, 400)
+            .expect("probe from the node");
+        for (proto, res) in Proto::BOTH.iter().zip(&r.results) {
+            let v = sinew_tests::policy::expected_with(
+                &parsed,
+                &Mesh::default(),
+                &host,
+                host_ip,
+                f.w("web"),
+                8080,
+                *proto,
+            );
+            let want = if v.allowed { PROBE_OK } else { "timeout" };
+            assert_eq!(
+                res.outcome,
+                want,
+                "{what}: node -> web {}/8080: reference says {v}\n{}",
+                proto.as_str(),
+                sinew_tests::policy::policies_yaml(&p)
+            );
+        }
+        let c = f.agents[0]
+            .policy_check(&host_ip.to_string(), "prod/web", 8080, "tcp")
+            .expect("check");
+        let v = sinew_tests::policy::expected_with(
+            &parsed,
+            &Mesh::default(),
+            &host,
+            host_ip,
+            f.w("web"),
+            8080,
+            Proto::Tcp,
+        );
+        assert_eq!(
+            c.allowed, v.allowed,
+            "{what}: policy check from the node: {c:?}"
+        );
+    }
+}

@@ -311,6 +311,58 @@ impl Generator<'_> {
     }
 }
 
+/// `/debug/policies` must say what the reference says: which workloads each policy selects, and each rule's
+/// status (kernel-enforced, proxy-required, rejected).
+fn check_status(
+    status: &sinew_tests::PolicyStatus,
+    policies: &[mesh_agent::policy::AuthorizationPolicy],
+    known: &[&Workload],
+) -> Vec<String> {
+    use mesh_agent::policy::eval::{Request, RuleStatus, applies_to, statuses};
+    let mut problems = Vec::new();
+    for p in policies {
+        let Some(entry) = status.policy(&p.key()) else {
+            problems.push(format!("{} is not in /debug/policies", p.key()));
+            continue;
+        };
+        let want: BTreeSet<String> = known
+            .iter()
+            .filter(|w| {
+                let req = Request {
+                    source: None,
+                    source_ip: IpAddr::V4(w.pod.ip4),
+                    dest_namespace: w.namespace().to_string(),
+                    dest_labels: w.labels.clone(),
+                    dest_port: 8080,
+                    protocol: mesh_agent::policy::eval::Protocol::Tcp,
+                };
+                applies_to(p, &req, ROOT_NAMESPACE)
+            })
+            .map(|w| w.key())
+            .collect();
+        let got: BTreeSet<String> = entry.selects.iter().cloned().collect();
+        if got != want {
+            problems.push(format!("{}: selects {got:?}, reference {want:?}", p.key()));
+        }
+        let want_rules: Vec<&str> = statuses(p)
+            .iter()
+            .map(|s| match s {
+                RuleStatus::KernelEnforced => "kernel-enforced",
+                RuleStatus::ProxyRequired { .. } => "proxy-required",
+                RuleStatus::Rejected { .. } => "rejected",
+            })
+            .collect();
+        let got_rules: Vec<&str> = entry.rules.iter().map(|r| r.status.as_str()).collect();
+        if got_rules != want_rules {
+            problems.push(format!(
+                "{}: rule statuses {got_rules:?}, reference {want_rules:?}",
+                p.key()
+            ));
+        }
+    }
+    problems
+}
+
 /// Whether a mismatch is explained by the known UDP-reply bug: a UDP probe that should have worked timed out, and
 /// the server's reply (from its target port to the client's ephemeral port) would be denied if judged as a new
 /// connection from the server to the client.
@@ -419,12 +471,13 @@ fn kernel_verdicts_equal_the_reference_for_random_policy_sets() {
         let set = generator.set(round);
         let parsed = parse_policies(&set)
             .unwrap_or_else(|e| panic!("generated an unreadable policy: {e:#}"));
-        f.set_policies(&set).unwrap_or_else(|e| {
+        let status = f.set_policies(&set).unwrap_or_else(|e| {
             panic!(
                 "seed {seed} round {round}: policies not in force: {e:#}\n{}",
                 policies_yaml(&set)
             )
         });
+        let status_problems = check_status(&status, &parsed, &known);
         let in_force = t0.elapsed();
         // Odd rounds over IPv6 (connect6/sendmsg6, IPv6 ingress, IPv6 ipBlocks).
         matrix.ipv6 = round % 2 == 1;
@@ -447,7 +500,15 @@ fn kernel_verdicts_equal_the_reference_for_random_policy_sets() {
             known_bug.len(),
             t0.elapsed()
         );
-        total_mismatches += mismatches.len();
+        total_mismatches += mismatches.len() + status_problems.len();
+        if !status_problems.is_empty() {
+            failing_rounds.push(round);
+            eprintln!(
+                "\n===== STATUS MISMATCH seed {seed} round {round} =====\npolicies:\n{}\n  {}\n",
+                policies_yaml(&set),
+                status_problems.join("\n  ")
+            );
+        }
         if !mismatches.is_empty() {
             let counted_as_failure = if tolerate_udp_reply {
                 tolerated += known_bug.len();

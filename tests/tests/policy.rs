@@ -1631,3 +1631,166 @@ fn the_node_itself_is_no_workload_identity_and_is_matched_by_ip_blocks() {
         );
     }
 }
+
+/// The agent must survive any policy set and never open what the previous set closed: a compilation that cannot
+/// be used must leave the previous one in force.
+fn assert_alive(f: &PolicyFixture, what: &str) {
+    for a in &f.agents {
+        let r = a.get("/readyz");
+        assert!(
+            matches!(&r, Ok(x) if x.status == 200),
+            "{what}: agent {} not ready/alive ({:?}); log tail:\n{}",
+            a.options().node,
+            r.map(|x| x.status),
+            a.log_tail(30)
+        );
+    }
+}
+
+#[test]
+fn huge_policies_never_crash_the_agent_or_open_anything() {
+    if !require_privileged("huge_policies_never_crash_the_agent_or_open_anything") {
+        return;
+    }
+    let mut f = fixture("pol-huge");
+    let good = ap(
+        "prod",
+        "deny-cli",
+        json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("dev", "cli")])}]}),
+    );
+    f.source.write("good.yaml", &[good.clone()]).expect("write");
+    f.wait_in_force(&[policy_key(&good)].into(), &[])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let every_port: Vec<String> = (1..=65535u32).map(|p| p.to_string()).collect();
+    let huge = [
+        // Every port named: no port is left over as "any other port".
+        ap(
+            "prod",
+            "allow-every-port",
+            json!({"selector": sel("api"), "rules": [{"from": from_principals(&[spiffe("dev", "cli")]),
+                                                      "to": [{"operation": {"ports": every_port}}]}]}),
+        ),
+        // Many distinct addresses times many ports: more verdict entries than one set may use.
+        ap(
+            "prod",
+            "allow-many",
+            json!({"selector": sel("api"), "rules": [{"from": [{"source": {"ipBlocks":
+                    (0..300).map(|i| format!("10.99.{}.{}/32", i / 250, 1 + i % 250)).collect::<Vec<_>>()}}],
+                "to": [{"operation": {"ports": (20000..20600).map(|p: u32| p.to_string()).collect::<Vec<_>>()}}]}]}),
+        ),
+    ];
+    let mut problems = Vec::new();
+    for h in &huge {
+        let key = policy_key(h);
+        let name = key.split('/').nth(1).unwrap_or("").to_string();
+        f.source
+            .write("huge.yaml", std::slice::from_ref(h))
+            .expect("write");
+        // Either it is compiled and in force, or it is reported and the previous set stays; give it time.
+        let errors0 = metrics(&f, 0).value("sinew_policy_compile_errors_total", &[]);
+        let outcome = eventually(Duration::from_secs(20), Duration::from_millis(200), || {
+            if let Some(s) = f.agents[0].exited() {
+                return Ok(format!("agent exited: {s}"));
+            }
+            let st = f.agents[0].policy_status().map_err(|e| format!("{e:#}"))?;
+            if st.policy(&key).is_some() {
+                return Ok("in force".to_string());
+            }
+            let m = f.agents[0].metrics().map_err(|e| format!("{e:#}"))?;
+            if m.value("sinew_policy_compile_errors_total", &[]) > errors0 {
+                return Ok("not compiled (sinew_policy_compile_errors_total)".to_string());
+            }
+            let extra = serde_json::to_string(&st.extra).unwrap_or_default();
+            let reported = st
+                .rejected
+                .iter()
+                .any(|r| r.object.ends_with(&format!("/{name}")))
+                || extra.contains("verdict entries")
+                || extra.contains(&name);
+            if reported {
+                return Ok(format!("reported: {extra}"));
+            }
+            Err(format!("{key}: neither in force nor reported yet"))
+        })
+        .unwrap_or_else(|e| format!("undecided: {e}"));
+        eprintln!("{key}: {outcome}");
+        if outcome.starts_with("agent exited") || outcome.starts_with("undecided") {
+            problems.push(format!(
+                "{key}: {outcome}; agent log tail:\n{}",
+                f.agents[0].log_tail(12)
+            ));
+            // Keep going with the next case: without the file, a restarted agent must come back.
+            f.source.remove("huge.yaml").expect("rm");
+            let a = &mut f.agents[0];
+            a.restart().expect("restart");
+            a.wait_ready(Duration::from_secs(20))
+                .expect("ready after restart");
+            f.wait_in_force(&[policy_key(&good)].into(), &[])
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            continue;
+        }
+        assert_alive(&f, &key);
+        let in_force = outcome == "in force";
+        let policies: Vec<Value> = if in_force {
+            vec![good.clone(), h.clone()]
+        } else {
+            vec![good.clone()]
+        };
+        let p = f.verify(
+            &policies,
+            &[
+                want("cli", "web", 8080, false),
+                want("api", "web", 8080, true),
+                want("cli", "api", 8081, !in_force || name == "allow-every-port"),
+                want("web", "api", 8080, !in_force),
+            ],
+        );
+        match p {
+            Ok(p) if p.is_empty() => {}
+            Ok(p) => problems.push(format!("{key} ({outcome}): {}", p.join("; "))),
+            Err(e) => problems.push(format!("{key} ({outcome}): probing: {e:#}")),
+        }
+        if !in_force {
+            // The operator must be able to see why it is not in force...
+            let st = f.agents[0].policy_status().expect("status");
+            if !st
+                .rejected
+                .iter()
+                .any(|r| r.object.ends_with(&format!("/{name}")))
+            {
+                problems.push(format!(
+                    "{key} ({outcome}) is neither in force nor listed in /debug/policies `rejected`: `policy \
+                     status` does not say why"
+                ));
+            }
+            // ...and an unrelated new DENY must still reach the kernel while it sits in the source.
+            let urgent = ap(
+                "prod",
+                "urgent-deny-api",
+                json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("prod", "api")])}]}),
+            );
+            f.source
+                .write("urgent.yaml", &[urgent.clone()])
+                .expect("write");
+            let keys = [policy_key(&good), policy_key(&urgent)].into();
+            if let Err(e) = f.agents[0].wait_policies(&keys, &[&name], Duration::from_secs(5)) {
+                let check = f.agents[0].policy_check("prod/api", "prod/web", 8080, "tcp");
+                problems.push(format!(
+                    "{key} ({outcome}) blocks an unrelated new DENY policy (prod/urgent-deny-api): not in force \
+                     after 5 s ({}); policy check api -> web: {check:?}",
+                    e.to_string().lines().next().unwrap_or("")
+                ));
+            }
+            f.source.remove("urgent.yaml").expect("rm");
+        }
+        f.source.remove("huge.yaml").expect("rm");
+        f.wait_in_force(&[policy_key(&good)].into(), &[])
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}

@@ -789,7 +789,8 @@ impl PolicyFixture {
         };
         let mut problems = Vec::new();
         // Group the probes by (source, path): one probe process each.
-        let mut jobs: BTreeMap<(String, ClientPath), Vec<(String, &Want, Proto)>> = BTreeMap::new();
+        type Job<'w> = Vec<(String, &'w Want, Proto)>;
+        let mut jobs: BTreeMap<(String, ClientPath), Job<'_>> = BTreeMap::new();
         for wnt in wants {
             let src = self.w(&wnt.src);
             let dst = self.w(&wnt.dst);

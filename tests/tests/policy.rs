@@ -752,7 +752,9 @@ fn bad_input_is_rejected_naming_the_field_and_the_rest_stays_in_force() {
         "deny-cli",
         json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("dev", "cli")])}]}),
     );
-    f.source.write("good.yaml", &[good.clone()]).expect("write");
+    f.source
+        .write("good.yaml", std::slice::from_ref(&good))
+        .expect("write");
     let bad = bad_policies();
     for (file, name, _, spec) in &bad {
         f.source
@@ -811,7 +813,11 @@ fn bad_input_is_rejected_naming_the_field_and_the_rest_stays_in_force() {
         want("cli", "api", 8080, true),
         want("web", "api", 8081, true),
     ];
-    f.assert_wants("good policy beside rejected ones", &[good.clone()], &wants);
+    f.assert_wants(
+        "good policy beside rejected ones",
+        std::slice::from_ref(&good),
+        &wants,
+    );
 
     // A good policy edited into a bad one: the old version stays in force, and the new one is reported.
     let broken = ap(
@@ -848,7 +854,7 @@ fn bad_input_is_rejected_naming_the_field_and_the_rest_stays_in_force() {
         json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("prod", "api")])}]}),
     );
     f.source
-        .write("good.yaml", &[fixed.clone()])
+        .write("good.yaml", std::slice::from_ref(&fixed))
         .expect("write");
     eventually(Duration::from_secs(5), Duration::from_millis(50), || {
         let st = f.agents[0].policy_status().map_err(|e| format!("{e:#}"))?;
@@ -1658,7 +1664,9 @@ fn huge_policies_never_crash_the_agent_or_open_anything() {
         "deny-cli",
         json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("dev", "cli")])}]}),
     );
-    f.source.write("good.yaml", &[good.clone()]).expect("write");
+    f.source
+        .write("good.yaml", std::slice::from_ref(&good))
+        .expect("write");
     f.wait_in_force(&[policy_key(&good)].into(), &[])
         .unwrap_or_else(|e| panic!("{e:#}"));
     let every_port: Vec<String> = (1..=65535u32).map(|p| p.to_string()).collect();
@@ -1770,7 +1778,7 @@ fn huge_policies_never_crash_the_agent_or_open_anything() {
                 json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("prod", "api")])}]}),
             );
             f.source
-                .write("urgent.yaml", &[urgent.clone()])
+                .write("urgent.yaml", std::slice::from_ref(&urgent))
                 .expect("write");
             let keys = [policy_key(&good), policy_key(&urgent)].into();
             if let Err(e) = f.agents[0].wait_policies(&keys, &[&name], Duration::from_secs(5)) {

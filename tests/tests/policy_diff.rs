@@ -389,7 +389,7 @@ fn kernel_verdicts_equal_the_reference_for_random_policy_sets() {
         return;
     }
     let rounds = env_u64("SINEW_POLICY_DIFF_ROUNDS").map_or(DEFAULT_ROUNDS, |n| n as usize);
-    let seed = env_u64("SINEW_POLICY_DIFF_SEED").unwrap_or_else(|| sinew_tests::unix_ms());
+    let seed = env_u64("SINEW_POLICY_DIFF_SEED").unwrap_or_else(sinew_tests::unix_ms);
     let tolerate_udp_reply = std::env::var("SINEW_POLICY_DIFF_TOLERATE")
         .is_ok_and(|v| v.split(',').any(|x| x.trim() == "udp-reply"));
     eprintln!(

@@ -978,6 +978,45 @@ fn denials_show_up_in_flows_with_identities_and_the_deciding_policy() {
             .any(|x| x.direction == "ingress" && x.src_identity == "dev/cli"),
         "{cli:#?}"
     );
+
+    // `flows --follow` streams new verdicts, one JSON object per line.
+    let mut cmd = std::process::Command::new(&a.options().bin);
+    cmd.args(["flows", "--follow", "-o", "json", "--admin-addr"])
+        .arg(a.admin_addr().to_string());
+    let follow =
+        sinew_tests::Proc::spawn("flows-follow", cmd, f.topo.work_dir()).expect("spawn flows -f");
+    // Everything already recorded comes first; wait until that is printed, then cause a new denial.
+    std::thread::sleep(Duration::from_millis(800));
+    let before = follow.lines().len();
+    let r = f.w("cli").pod.probe(&target, 400).expect("probe");
+    assert_eq!(r.results[0].outcome, PROBE_EACCES, "{r:?}");
+    eventually(Duration::from_secs(5), Duration::from_millis(50), || {
+        let lines = follow.lines();
+        if lines[before.min(lines.len())..]
+            .iter()
+            .any(|l| l.contains("\"egress\"") && l.contains("dev/cli"))
+        {
+            Ok(())
+        } else {
+            Err(format!("no new egress line; all lines: {lines:#?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("flows --follow did not print the new denial: {e}"));
+    eprintln!(
+        "flows --follow: {before} lines before the new denial, {} after",
+        follow.lines().len()
+    );
+    let last: Vec<sinew_tests::Flow> = follow
+        .lines()
+        .iter()
+        .skip(before)
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert!(
+        last.iter()
+            .any(|x| x.direction == "egress" && x.policy.as_deref() == Some("prod/deny-cli")),
+        "{last:#?}"
+    );
 }
 
 #[test]

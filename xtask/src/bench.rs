@@ -714,7 +714,7 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
     let policy_report = with_policies.then(|| policy_set.report(namespaces));
     if let Some(p) = &policy_report {
         println!(
-            "policies: {} in force ({} select the server), {} kernel verdict entries, {} IP cache entries; in force {} after the file write (median of {}; first {}), out {} after its removal; agent RSS {} KiB before they were first put in force, {} KiB with them (median after each switch)",
+            "policies: {} in force ({} select the server), {} kernel verdict entries, {} IP cache entries; in force {} after the file write (median of {}; first {}; agent CPU {}), out {} after its removal; agent RSS {} KiB before they were first put in force, {} KiB with them (median after each switch)",
             p["count"],
             p["selecting_server"].as_array().map_or(0, Vec::len),
             p["kernel"]["verdict_entries"],
@@ -724,6 +724,7 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
                 .as_array()
                 .map_or(0, Vec::len),
             fmt_ms(&p["time_to_force_ms"]["first"]),
+            fmt_ms(&p["agent_cpu_to_force_ms"]["median"]),
             fmt_ms(&p["time_to_remove_ms"]["median"]),
             p["agent_rss_kib"]["before_first_policies"],
             p["agent_rss_kib"]["with_policies"]
@@ -752,6 +753,7 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
         "topology": {
             "client": client.ip4.to_string(), "server": server.ip4.to_string(), "vip": format!("{VIP}:{VIP_PORT}"),
             "client_identity": format!("{CLIENT_NS}/{CLIENT_SA}"), "server_pod": server_key,
+            "intruder": intruder.as_ref().map(|p| json!({"ip": p.ip4.to_string(), "identity": format!("{INTRUDER_NS}/{INTRUDER_SA}")})),
             "agent_cgroup_root": node.cgroup_root(), "plain_cgroup": plain.path(), "meshed_cgroup": client.cgroup_dir(),
         },
         "scenarios": scenarios.iter().map(|s| json!({
@@ -1316,6 +1318,8 @@ struct Switch {
     settle_ms: f64,
     /// The agent's RSS once idle.
     rss_kib: Option<u64>,
+    /// The agent's CPU from the write until idle (parse, compile, map writes), ms (clock-tick resolution).
+    agent_cpu_ms: Option<f64>,
 }
 
 impl PolicySet<'_> {
@@ -1329,6 +1333,7 @@ impl PolicySet<'_> {
             self.rss_before_kib = agent.pid().and_then(|p| proc_status_kib(p, "VmRSS:"));
         }
         let before = revision(agent)?;
+        let cpu0 = agent.pid().and_then(proc_cpu);
         let t0 = Instant::now();
         if on {
             self.source.write_raw(POLICY_FILE, &self.text)?;
@@ -1381,10 +1386,15 @@ impl PolicySet<'_> {
         }
         let settle_ms = wait_agent_idle(agent)?;
         let rss_kib = agent.pid().and_then(|p| proc_status_kib(p, "VmRSS:"));
+        let agent_cpu_ms = match (cpu0, agent.pid().and_then(proc_cpu)) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64() * 1000.0),
+            _ => None,
+        };
         let sw = Switch {
             ms,
             settle_ms,
             rss_kib,
+            agent_cpu_ms,
         };
         if on { &mut self.on } else { &mut self.off }.push(sw);
         self.in_force = on;
@@ -1467,6 +1477,8 @@ impl PolicySet<'_> {
             "time_to_force_ms": stats(self.on.iter().map(|s| s.ms).collect()),
             "time_to_remove_ms": stats(self.off.iter().map(|s| s.ms).collect()),
             "settle_after_force_ms": stats(self.on.iter().map(|s| s.settle_ms).collect()),
+            "agent_cpu_to_force_ms": stats(self.on.iter().filter_map(|s| s.agent_cpu_ms).collect()),
+            "agent_cpu_to_remove_ms": stats(self.off.iter().filter_map(|s| s.agent_cpu_ms).collect()),
             "agent_rss_kib": {
                 "before_first_policies": self.rss_before_kib,
                 "with_policies": rss(&self.on),

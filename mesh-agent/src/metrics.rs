@@ -118,7 +118,7 @@ impl Metrics {
         let policy_errors = Counter::default();
         registry.register(
             "policy_compile_errors",
-            "Policy sets that could not be put in force; the previous one stayed",
+            "Policies left out of the kernel because the tables could not hold them (counted per sync), and policy sets that could not be applied at all (the previous one stayed)",
             policy_errors.clone(),
         );
         let policy_revision = Gauge::default();

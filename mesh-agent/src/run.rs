@@ -24,7 +24,7 @@ use crate::{
     },
     events,
     metrics::{Metrics, RejectedLabels, ResultLabel, label_value},
-    policy::live::{PolicyPlane, PolicySettings},
+    policy::live::{Applied, PolicyPlane, PolicySettings},
     source::{
         SourceError,
         file::{FileSource, Watcher},
@@ -215,7 +215,15 @@ fn apply_policy(
         .collect();
     let mut plane = admin.policy.lock().unwrap_or_else(|e| e.into_inner());
     match plane.apply(&snapshot.authorization_policies, &snapshot.pods, rejected) {
-        Ok((changes, warnings)) => {
+        Ok(Applied {
+            changes,
+            warnings,
+            too_large,
+        }) => {
+            for e in &too_large {
+                admin.metrics.policy_errors.inc();
+                warn!(error = %e, "policy left out");
+            }
             if changes.flipped {
                 info!(
                     revision = plane.revision,

@@ -420,9 +420,10 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
     for (class, (applicable, example)) in dest_classes.iter().zip(&dest_applicable) {
         let pod = workloads[*example].pod;
         let default = value(!class.default_deny, false);
-        let other_port = (1..=u16::MAX)
-            .find(|p| class.ports.binary_search(p).is_err())
-            .expect("a policy cannot name every port");
+        // Ports no rule tells apart are judged once (a policy may name thousands of ports, even all of them).
+        let groups = eval.port_groups(applicable);
+        let named: usize = groups.iter().map(Vec::len).sum();
+        let other_port = (1..=u16::MAX).find(|p| class.ports.binary_search(p).is_err());
         for src in &source_classes {
             let source = src.identity.as_deref().map(|name| {
                 let (ns, sa) = name.split_once('/').expect("identity names are ns/sa");
@@ -439,13 +440,39 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
                 };
                 verdict_value(&eval.evaluate_among(applicable, &req))
             };
-            let any = judge(other_port);
+            // (verdict, how many ports have it): the commonest becomes the any-port entry, so that only the
+            // ports that differ from it need entries of their own.
+            let mut judged: Vec<(PolicyValue, &[u16])> =
+                groups.iter().map(|g| (judge(g[0]), g.as_slice())).collect();
+            let other = other_port.map(|p| judge(p));
+            let mut tally: Vec<(PolicyValue, usize)> = Vec::new();
+            let mut add = |v: PolicyValue, n: usize| match tally.iter_mut().find(|(t, _)| *t == v) {
+                Some((_, c)) => *c += n,
+                None => tally.push((v, n)),
+            };
+            if let Some(v) = other {
+                add(v, u16::MAX as usize - named);
+            }
+            for (v, ports) in &judged {
+                add(*v, ports.len());
+            }
+            let any = tally
+                .iter()
+                .max_by_key(|(_, n)| *n)
+                .map(|(v, _)| *v)
+                .unwrap_or(default);
             if any != default {
                 verdicts.insert((class.id, src.id, 0), any);
             }
-            for &port in &class.ports {
-                let v = judge(port);
-                if v != any {
+            judged.retain(|(v, _)| *v != any);
+            for (v, ports) in judged {
+                for &port in ports {
+                    verdicts.insert((class.id, src.id, port), v);
+                }
+            }
+            // When most ports are named (say 1000-60000) the unnamed rest may be the exception.
+            if let Some(v) = other.filter(|v| *v != any) {
+                for port in (1..=u16::MAX).filter(|p| class.ports.binary_search(p).is_err()) {
                     verdicts.insert((class.id, src.id, port), v);
                 }
             }
@@ -840,6 +867,69 @@ mod tests {
             }
         }
         assert!(checked > 10_000, "checked {checked}");
+    }
+
+    #[test]
+    fn thousands_of_named_ports_compile_small_and_exact() {
+        let pods = universe();
+        let every: Vec<String> = (1..=65535u32).map(|p| p.to_string()).collect();
+        let most: Vec<String> = (1000..=60000u32).map(|p| p.to_string()).collect();
+        for (name, ports, field) in [
+            ("every-port", &every, "ports"),
+            ("most-ports", &most, "ports"),
+            ("not-most", &most, "notPorts"),
+        ] {
+            let policies = [policy(json!({
+                "apiVersion": "security.sinew.dev/v1alpha1", "kind": "AuthorizationPolicy",
+                "metadata": {"namespace": "a", "name": name},
+                "spec": {"selector": {"matchLabels": {"app": "db"}},
+                         "rules": [{"from": [{"source": {"namespaces": ["b"]}}], "to": [{"operation": {field: ports}}]}]}
+            }))];
+            let t0 = std::time::Instant::now();
+            let c = compile(&Inputs {
+                policies: &policies,
+                pods: &pods,
+                node: "n1",
+                root_namespace: ROOT,
+                trust_domain: TD,
+                netns_cookies: &BTreeMap::new(),
+            })
+            .unwrap();
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(5),
+                "{name}: {:?}",
+                t0.elapsed()
+            );
+            // The commonest verdict is the any-port entry: only the exceptions get entries (here the ~6500 ports
+            // outside 1000-60000 for the one source class that rules match), never one entry per named port.
+            assert!(
+                c.verdicts.len() < 2 * 6600,
+                "{name}: {} entries",
+                c.verdicts.len()
+            );
+            let dst: IpAddr = "10.0.1.2".parse().unwrap();
+            for port in [1u16, 999, 1000, 30000, 60000, 60001, 65535] {
+                for src in ["10.0.2.1", "10.0.1.1", "203.0.113.1"] {
+                    let src: IpAddr = src.parse().unwrap();
+                    let p = pods.iter().find(|p| p.ips()[0] == src);
+                    let req = Request {
+                        source: p
+                            .map(|p| Identity::new(TD, &p.metadata.namespace, p.service_account())),
+                        source_ip: src,
+                        dest_namespace: "a".into(),
+                        dest_labels: [("app".to_string(), "db".to_string())].into(),
+                        dest_port: port,
+                        protocol: Protocol::Tcp,
+                    };
+                    let want = evaluate_with_root(&policies, &req, ROOT).allowed;
+                    assert_eq!(
+                        kernel_allows(&c, src, dst, port),
+                        want,
+                        "{name}: {src} port {port}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -482,6 +482,38 @@ impl<'a> Evaluator<'a> {
         ports
     }
 
+    /// The ports named by these policies, grouped so that ports of one group are named by exactly the same
+    /// `ports`/`notPorts` fields: no rule can tell them apart, so they get the same verdict from every source and
+    /// one of them stands for all. Groups in ascending order of their first port, each sorted.
+    pub fn port_groups(&self, applicable: &[usize]) -> Vec<Vec<u16>> {
+        // For each port, the fields naming it: (policy, rule, operation, negated).
+        let mut named: BTreeMap<u16, Vec<(usize, usize, usize, bool)>> = BTreeMap::new();
+        for &p in applicable {
+            for (r, rule) in self.rules[p].iter().enumerate() {
+                for (o, operation) in rule.to.iter().enumerate() {
+                    for (negated, field) in
+                        [(false, &operation.ports), (true, &operation.not_ports)]
+                    {
+                        for &port in field.iter().flat_map(|f| &f.values) {
+                            let tags = named.entry(port).or_default();
+                            let tag = (p, r, o, negated);
+                            if tags.last() != Some(&tag) {
+                                tags.push(tag);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut groups: BTreeMap<Vec<(usize, usize, usize, bool)>, Vec<u16>> = BTreeMap::new();
+        for (port, tags) in named {
+            groups.entry(tags).or_default().push(port);
+        }
+        let mut out: Vec<Vec<u16>> = groups.into_values().collect();
+        out.sort();
+        out
+    }
+
     /// Every valid CIDR in `ipBlocks`/`notIpBlocks` of any rule of any policy: the network address (host bits
     /// zero) and the prefix length in its own family (IPv4-mapped IPv6 blocks are given as IPv4), deduplicated
     /// and sorted. A source address gets the same verdict as any other that falls in exactly the same CIDRs.

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::compile::{self, Compiled, Inputs};
 use super::eval::{self, Evaluator, Identity, Protocol, Request, RuleStatus};
-use super::{Action, AuthorizationPolicy};
+use super::{AuthorizationPolicy, validate};
 use crate::ebpf::policy::{EventLimits, PolicyChanges, PolicyCounters, PolicyMaps};
 use crate::k8s::Pod;
 use crate::source::SourceError;
@@ -80,6 +80,16 @@ pub struct Flow {
     pub policy: Option<String>,
     pub rule: Option<usize>,
     pub reason: String,
+}
+
+/// What [`PolicyPlane::apply`] did.
+#[derive(Debug)]
+pub struct Applied {
+    pub changes: PolicyChanges,
+    /// Local pods whose netns could not be read (enforced only at their destinations for now).
+    pub warnings: Vec<String>,
+    /// Policies left out because the kernel tables could not hold them (also listed in `rejected`).
+    pub too_large: Vec<SourceError>,
 }
 
 /// `/debug/policies`.
@@ -245,28 +255,71 @@ impl PolicyPlane {
         policies: &[AuthorizationPolicy],
         pods: &[Pod],
         rejected: Vec<SourceError>,
-    ) -> anyhow::Result<(PolicyChanges, Vec<String>)> {
+    ) -> anyhow::Result<Applied> {
         self.rejected = rejected;
         // Defence in depth: the source already rejects invalid policies, and none may reach the kernel.
         let policies: Vec<AuthorizationPolicy> = policies
             .iter()
-            .filter(|p| {
-                !matches!(p.spec.action, Action::Unknown(_))
-                    && eval::statuses(p)
-                        .iter()
-                        .all(|s| !matches!(s, RuleStatus::Rejected { .. }))
-            })
+            .filter(|p| validate(p).is_ok())
             .cloned()
             .collect();
         let (cookies, warnings) = self.resolve_cookies(pods);
-        let compiled = compile::compile(&Inputs {
-            policies: &policies,
-            pods,
-            node: &self.settings.node,
-            root_namespace: &self.settings.root_namespace,
-            trust_domain: &self.settings.trust_domain,
-            netns_cookies: &cookies,
-        })?;
+        let settings = self.settings.clone();
+        let compile_set = |set: &[AuthorizationPolicy]| {
+            compile::compile(&Inputs {
+                policies: set,
+                pods,
+                node: &settings.node,
+                root_namespace: &settings.root_namespace,
+                trust_domain: &settings.trust_domain,
+                netns_cookies: &cookies,
+            })
+        };
+        let mut too_large = Vec::new();
+        let (compiled, policies) = match compile_set(&policies) {
+            Ok(c) => (c, policies),
+            // One policy too large for the kernel tables must not hold every other change back: keep what is
+            // in force unchanged, add the changed policies one by one, and leave out (at their previous version,
+            // if any) those that do not fit.
+            Err(_) => {
+                let previous: BTreeMap<String, &AuthorizationPolicy> = self
+                    .in_force
+                    .iter()
+                    .flat_map(|f| &f.policies)
+                    .map(|p| (p.key(), p))
+                    .collect();
+                let unchanged = |p: &AuthorizationPolicy| previous.get(&p.key()) == Some(&p);
+                let mut accepted: Vec<AuthorizationPolicy> =
+                    policies.iter().filter(|p| unchanged(p)).cloned().collect();
+                for p in policies.iter().filter(|p| !unchanged(p)) {
+                    let mut trial = accepted.clone();
+                    trial.push(p.clone());
+                    match compile_set(&trial) {
+                        Ok(_) => accepted = trial,
+                        Err(e) => {
+                            let old = previous.get(&p.key()).copied();
+                            if let Some(old) = old {
+                                accepted.push(old.clone());
+                            }
+                            too_large.push(SourceError {
+                                file: PathBuf::from("(policy compiler)"),
+                                object: format!("{} {}", super::KIND, p.key()),
+                                reason: format!(
+                                    "cannot be enforced: {e}; {}",
+                                    if old.is_some() {
+                                        "its previous version stays in force"
+                                    } else {
+                                        "it is not in force"
+                                    }
+                                ),
+                            });
+                        }
+                    }
+                }
+                (compile_set(&accepted)?, accepted)
+            }
+        };
+        self.rejected.extend(too_large.iter().cloned());
         let unchanged = self
             .in_force
             .as_ref()
@@ -283,7 +336,11 @@ impl PolicyPlane {
             compiled,
             cookie_pods: cookies.into_iter().map(|(pod, c)| (c, pod)).collect(),
         });
-        Ok((changes, warnings))
+        Ok(Applied {
+            changes,
+            warnings,
+            too_large,
+        })
     }
 
     pub fn counters(&self) -> PolicyCounters {

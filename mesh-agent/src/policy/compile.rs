@@ -444,7 +444,7 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
             // ports that differ from it need entries of their own.
             let mut judged: Vec<(PolicyValue, &[u16])> =
                 groups.iter().map(|g| (judge(g[0]), g.as_slice())).collect();
-            let other = other_port.map(|p| judge(p));
+            let other = other_port.map(judge);
             let mut tally: Vec<(PolicyValue, usize)> = Vec::new();
             let mut add = |v: PolicyValue, n: usize| match tally.iter_mut().find(|(t, _)| *t == v) {
                 Some((_, c)) => *c += n,

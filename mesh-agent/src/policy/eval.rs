@@ -487,7 +487,8 @@ impl<'a> Evaluator<'a> {
     /// one of them stands for all. Groups in ascending order of their first port, each sorted.
     pub fn port_groups(&self, applicable: &[usize]) -> Vec<Vec<u16>> {
         // For each port, the fields naming it: (policy, rule, operation, negated).
-        let mut named: BTreeMap<u16, Vec<(usize, usize, usize, bool)>> = BTreeMap::new();
+        type Field = (usize, usize, usize, bool);
+        let mut named: BTreeMap<u16, Vec<Field>> = BTreeMap::new();
         for &p in applicable {
             for (r, rule) in self.rules[p].iter().enumerate() {
                 for (o, operation) in rule.to.iter().enumerate() {
@@ -505,7 +506,7 @@ impl<'a> Evaluator<'a> {
                 }
             }
         }
-        let mut groups: BTreeMap<Vec<(usize, usize, usize, bool)>, Vec<u16>> = BTreeMap::new();
+        let mut groups: BTreeMap<Vec<Field>, Vec<u16>> = BTreeMap::new();
         for (port, tags) in named {
             groups.entry(tags).or_default().push(port);
         }

@@ -3,7 +3,8 @@
 //! policy sets; and policy changes under traffic are never a mix of the old and the new set.
 //!
 //! Universe: two nodes, five pods over three namespaces and three service accounts, each serving TCP and UDP on
-//! three ports, plus `x1`, a netns that is no known pod (a source outside the mesh):
+//! four ports (8080-8082, and 9090, which no generated policy names, so it takes the "any other port" verdict;
+//! policies also name 7000, which nobody serves), plus `x1`, a netns that is no known pod (outside the mesh):
 //!
 //! | pod | node | namespace | service account | labels |
 //! |---|---|---|---|---|
@@ -16,7 +17,7 @@
 //!
 //! Every round probes every (source, destination, port, protocol) from each source in its cgroup (client side:
 //! denied means `EACCES`) and outside it (server side: denied means a timeout), alternating IPv4 and IPv6 rounds,
-//! plus each known pod's own Service VIP (ports 80-82 to target ports 8080-8082; client side only, since only
+//! plus each known pod's own Service VIP (ports 80-82 and 1090 to target ports 8080-8082 and 9090; client side only, since only
 //! the source's connect hook translates a VIP).
 //!
 //! `SINEW_POLICY_DIFF_ROUNDS` sets the number of random sets (default [`DEFAULT_ROUNDS`]), `SINEW_POLICY_DIFF_SEED`
@@ -41,7 +42,10 @@ use sinew_tests::{require_privileged, testpod_bin};
 /// Rounds when `SINEW_POLICY_DIFF_ROUNDS` is not set: a round (write, in force on both nodes, 480 probes) takes
 /// about 0.85 s on a 2-core VM, so 150 rounds take a bit over 2 minutes, well inside the 4-minute CI budget.
 const DEFAULT_ROUNDS: usize = 150;
-const PORTS: [u16; 3] = [8080, 8081, 8082];
+/// Every pod serves these. 9090 is never named by a generated policy, so it is judged as "any other port".
+const PORTS: [u16; 4] = [8080, 8081, 8082, 9090];
+/// The ports generated policies name: 7000 is served by nobody (named but never reached).
+const NAMED_PORTS: [u16; 4] = [8080, 8081, 8082, 7000];
 const NAMESPACES: [&str; 3] = ["alpha", "beta", "gamma"];
 const SERVICE_ACCOUNTS: [&str; 3] = ["front", "back", "db"];
 const APPS: [&str; 3] = ["front", "back", "db"];
@@ -197,7 +201,7 @@ impl Generator<'_> {
     }
 
     fn ports(&mut self) -> Value {
-        let ports = self.rng.subset(&PORTS, 2);
+        let ports = self.rng.subset(&NAMED_PORTS, 2);
         // Istio writes ports as strings; integers are accepted too.
         if self.rng.chance(30) {
             json!(ports)

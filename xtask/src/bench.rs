@@ -1482,7 +1482,7 @@ impl PolicySet<'_> {
             "agent_rss_kib": {
                 "before_first_policies": self.rss_before_kib,
                 "with_policies": rss(&self.on),
-                "without_policies": rss(&self.off),
+                "after_removal": rss(&self.off),
             },
             "switches": {"on": self.on, "off": self.off},
         })

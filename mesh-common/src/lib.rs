@@ -13,7 +13,7 @@
 pub mod policy;
 
 /// Bumped by hand whenever the meaning (not only the size) of a map changes.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// `IPPROTO_TCP`.
 pub const PROTO_TCP: u8 = 6;
@@ -62,7 +62,7 @@ pub mod map_names {
     pub const UDP_FLOWS: &str = "udp_flows";
     /// Ring buffer of [`crate::policy::PolicyEvent`].
     pub const POLICY_EVENTS: &str = "pol_events";
-    /// [`crate::policy::UdpReplyKey`] -> `u64` time of the last accepted datagram (LRU).
+    /// [`crate::policy::UdpReplyKey`] -> [`crate::policy::UdpPeer`] (LRU).
     pub const UDP_REPLIES: &str = "udp_replies";
     /// Every map, in the order the agent creates and pins them.
     pub const ALL: [&str; 15] = [
@@ -229,6 +229,7 @@ pub const ABI_HASH: u32 = {
         policy::MAX_POLICY as usize,
         policy::MAX_UDP_FLOWS as usize,
         core::mem::size_of::<policy::UdpReplyKey>(),
+        core::mem::size_of::<policy::UdpPeer>(),
         policy::MAX_UDP_REPLIES as usize,
         policy::EVENTS_RING_BYTES as usize,
         policy::counter::COUNT as usize,
@@ -328,4 +329,5 @@ mod user {
     unsafe impl aya::Pod for policy::RateLimit {}
     unsafe impl aya::Pod for policy::PolicyEvent {}
     unsafe impl aya::Pod for policy::UdpReplyKey {}
+    unsafe impl aya::Pod for policy::UdpPeer {}
 }

@@ -93,8 +93,10 @@ pub struct LocalSlot {
     pub src_class4: u32,
     /// Source class when the pod connects over IPv6, or [`CLASS_SKIP`].
     pub src_class6: u32,
+    /// 1: a policy applies to the pod itself, so its UDP peers are recorded (their answers must get in).
+    pub policed: u32,
 }
-const _: () = assert!(core::mem::size_of::<LocalSlot>() == 12);
+const _: () = assert!(core::mem::size_of::<LocalSlot>() == 16);
 
 /// `local_eps` value, keyed by the pod's netns cookie (`u64`): who a local socket belongs to. The kernel tells
 /// us the netns of the connecting socket, so a pod cannot claim another pod's identity.
@@ -103,7 +105,7 @@ const _: () = assert!(core::mem::size_of::<LocalSlot>() == 12);
 pub struct LocalEndpoint {
     pub slots: [LocalSlot; 2],
 }
-const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 24);
+const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 32);
 
 /// `policy` key. `port` 0 is the entry for every port without its own entry.
 #[repr(C)]
@@ -163,31 +165,31 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);
 
-/// [`FlowValue::kind`]: the flow was judged at ingress and allowed.
-pub const FLOW_INBOUND: u32 = 1;
-/// [`FlowValue::kind`]: a local socket sent to this peer first; datagrams back are replies.
-pub const FLOW_REPLY: u32 = 2;
-/// How long a reply flow stays open after the last datagram the local socket sent (as conntrack's UDP timeout).
-pub const FLOW_REPLY_TIMEOUT_NS: u64 = 120_000_000_000;
+/// How long a UDP peer counts as answering (after the last datagram to it, or accepted from it), as conntrack's
+/// UDP timeout.
+pub const UDP_PEER_TIMEOUT_NS: u64 = 120_000_000_000;
+/// [`UdpPeer::sent_ns`] of a connected UDP socket: its one peer answers for as long as the entry lives.
+pub const UDP_PEER_CONNECTED: u64 = u64::MAX;
 
-/// `udp_flows` value.
+/// `udp_flows` value: an inbound flow judged and allowed at ingress.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    /// [`FLOW_INBOUND`] or [`FLOW_REPLY`].
-    pub kind: u32,
-    /// For inbound flows: [`PolicyState::generation`] when judged.
+    /// [`PolicyState::generation`] when judged; another generation judges the flow again.
     pub generation: u32,
-    /// For reply flows: `bpf_ktime_get_ns()` of the last datagram out.
-    pub last_out_ns: u64,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
 
-/// Capacity of the UDP reply permits (LRU).
+/// Capacity of the UDP peer table (LRU).
 pub const MAX_UDP_REPLIES: u32 = 65536;
 
-/// `udp_replies` key: a local UDP socket received an accepted datagram from `addr`:`port`, so it may answer it
-/// even if policy would not let it open a flow there (a server replying to a client under default deny).
+/// `udp_replies` key: a local UDP socket and one of its peers. Datagrams between them in the direction opposite
+/// to the one recorded are answers, which policy lets through as conntrack would:
+/// - the socket sent to the peer (recorded at `connect()`/`sendmsg()`): the peer's datagrams back get in even if
+///   the socket's own workload is under default deny;
+/// - the socket accepted a datagram from a workload under policy: it may answer even if that workload's policy
+///   would refuse a flow from it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct UdpReplyKey {
@@ -199,6 +201,18 @@ pub struct UdpReplyKey {
     pub _pad: [u8; 6],
 }
 const _: () = assert!(core::mem::size_of::<UdpReplyKey>() == 32);
+
+/// `udp_replies` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpPeer {
+    /// `bpf_ktime_get_ns()` of the last datagram the socket sent to the peer; [`UDP_PEER_CONNECTED`] for a
+    /// connected socket; 0: never.
+    pub sent_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last datagram accepted from the peer (a workload under policy); 0: never.
+    pub accepted_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<UdpPeer>() == 16);
 
 /// Indexes into the per-CPU `pol_counters` array (one `u64` each).
 pub mod counter {
@@ -218,7 +232,7 @@ pub mod counter {
     pub const ALLOWED_INGRESS: u32 = 6;
     /// UDP datagrams passed by the flow cache without a policy lookup.
     pub const UDP_FLOW_HITS: u32 = 7;
-    /// UDP sends the client-side check let through as replies (`udp_replies`).
+    /// UDP datagrams let through as answers to a peer (`udp_replies`), either way.
     pub const UDP_REPLIES: u32 = 8;
     pub const COUNT: u32 = 9;
 }

@@ -37,6 +37,14 @@ pub enum Pick {
     PerSocket,
 }
 
+impl Pick {
+    /// `connect()` (TCP or a connected UDP socket), as opposed to an unconnected `sendmsg()`.
+    #[inline(always)]
+    pub fn connects(self) -> bool {
+        matches!(self, Pick::Random)
+    }
+}
+
 enum Outcome {
     /// Not a service: leave the address alone.
     Pass,
@@ -214,7 +222,11 @@ pub fn connect4(ctx: &SockAddrContext, pick: Pick) -> i32 {
         _pad: 0,
     };
     match balance(ctx, &key, pick) {
-        Outcome::Pass if policy::egress_allowed(ctx, &key.addr, key.port, proto) => ALLOW,
+        Outcome::Pass
+            if policy::egress_allowed(ctx, &key.addr, key.port, proto, pick.connects()) =>
+        {
+            ALLOW
+        }
         Outcome::Pass => deny(),
         Outcome::Refuse => refuse(),
         Outcome::To(b, id) => {
@@ -223,7 +235,7 @@ pub fn connect4(ctx: &SockAddrContext, pick: Pick) -> i32 {
                 return ALLOW;
             }
             // Policy sees the backend's target port, never the service port.
-            if !policy::egress_allowed(ctx, &b.addr, b.port, proto) {
+            if !policy::egress_allowed(ctx, &b.addr, b.port, proto, pick.connects()) {
                 return deny();
             }
             remember(ctx, &key, &b, id, pick);
@@ -246,11 +258,15 @@ pub fn connect6(ctx: &SockAddrContext, pick: Pick) -> i32 {
         _pad: 0,
     };
     match balance(ctx, &key, pick) {
-        Outcome::Pass if policy::egress_allowed(ctx, &key.addr, key.port, proto) => ALLOW,
+        Outcome::Pass
+            if policy::egress_allowed(ctx, &key.addr, key.port, proto, pick.connects()) =>
+        {
+            ALLOW
+        }
         Outcome::Pass => deny(),
         Outcome::Refuse => refuse(),
         Outcome::To(b, id) => {
-            if !policy::egress_allowed(ctx, &b.addr, b.port, proto) {
+            if !policy::egress_allowed(ctx, &b.addr, b.port, proto, pick.connects()) {
                 return deny();
             }
             remember(ctx, &key, &b, id, pick);

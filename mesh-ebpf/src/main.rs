@@ -7,6 +7,7 @@
 //!
 //! Policy (`policy`): the same connect/sendmsg hooks refuse a denied connection with EACCES after choosing the
 //! backend, and a cgroup_skb ingress program judges the first packet of every connection at the destination.
+//! UDP peers are recorded at connect/sendmsg and at ingress, so answers pass both checks as conntrack would.
 //!
 //! The entry points stay thin: each one parses its context and calls into [`lb`] or [`policy`].
 #![no_std]
@@ -73,13 +74,6 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub fn policy_ingress(ctx: SkBuffContext) -> i32 {
     policy::ingress(&ctx)
-}
-
-/// UDP replies: records flows local workloads start, so their answers pass the ingress check. Never drops.
-#[cgroup_skb(egress)]
-pub fn policy_egress(ctx: SkBuffContext) -> i32 {
-    policy::udp_egress(&ctx);
-    policy::SKB_PASS
 }
 
 #[cfg(not(test))]

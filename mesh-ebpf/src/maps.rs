@@ -11,7 +11,7 @@ use mesh_common::{
     policy::{
         EVENTS_RING_BYTES, FlowKey, FlowValue, IpInfo, LocalEndpoint, MAX_IPCACHE, MAX_LOCAL_EPS,
         MAX_POLICY, MAX_UDP_FLOWS, MAX_UDP_REPLIES, PolicyEvent, PolicyKey, PolicyState,
-        PolicyValue, RateLimit, UdpReplyKey, counter,
+        PolicyValue, RateLimit, UdpPeer, UdpReplyKey, counter,
     },
 };
 
@@ -64,7 +64,7 @@ pub static UDP_FLOWS: LruHashMap<FlowKey, FlowValue, { MAX_UDP_FLOWS as usize }>
     LruHashMap::new();
 
 #[btf_map(name = "udp_replies")]
-pub static UDP_REPLIES: LruHashMap<UdpReplyKey, u64, { MAX_UDP_REPLIES as usize }> =
+pub static UDP_REPLIES: LruHashMap<UdpReplyKey, UdpPeer, { MAX_UDP_REPLIES as usize }> =
     LruHashMap::new();
 
 #[btf_map(name = "pol_events")]

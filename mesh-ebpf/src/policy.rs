@@ -12,9 +12,9 @@ use aya_ebpf::{
 use mesh_common::{
     PROTO_TCP, PROTO_UDP, is_v4_mapped,
     policy::{
-        CLASS_ID_MASK, CLASS_SKIP, DIR_EGRESS, DIR_INGRESS, DST_DEFAULT_DENY, FLOW_INBOUND,
-        FLOW_REPLY, FLOW_REPLY_TIMEOUT_NS, FlowKey, FlowValue, IpSlot, PolicyEvent, PolicyKey,
-        PolicyState, PolicyValue, UdpReplyKey, VERDICT_ALLOW, VERDICT_DENY, VERDICT_FLAG_AUDIT,
+        CLASS_ID_MASK, CLASS_SKIP, DIR_EGRESS, DIR_INGRESS, DST_DEFAULT_DENY, FlowKey, FlowValue,
+        IpSlot, PolicyEvent, PolicyKey, PolicyState, PolicyValue, UDP_PEER_CONNECTED,
+        UDP_PEER_TIMEOUT_NS, UdpPeer, UdpReplyKey, VERDICT_ALLOW, VERDICT_DENY, VERDICT_FLAG_AUDIT,
         counter, identity,
     },
     v4_mapped,
@@ -183,7 +183,13 @@ fn conclude(
 /// Only sockets of known local pods are checked here (by netns cookie, which the pod cannot choose); every
 /// other socket is left to the destination's ingress check.
 #[inline(always)]
-pub fn egress_allowed(ctx: &SockAddrContext, dst: &[u8; 16], port: u16, proto: u8) -> bool {
+pub fn egress_allowed(
+    ctx: &SockAddrContext,
+    dst: &[u8; 16],
+    port: u16,
+    proto: u8,
+    connected: bool,
+) -> bool {
     let Some(st) = state() else {
         return true;
     };
@@ -202,6 +208,10 @@ pub fn egress_allowed(ctx: &SockAddrContext, dst: &[u8; 16], port: u16, proto: u
             (*ep).slots[1]
         }
     };
+    // A pod under policy records its UDP peers, so that their answers get past its own ingress check.
+    if proto == PROTO_UDP && slot.policed != 0 {
+        sent_to(ctx, dst, port, connected);
+    }
     let src_class = if is_v4_mapped(dst) {
         slot.src_class4
     } else {
@@ -243,36 +253,103 @@ pub fn egress_allowed(ctx: &SockAddrContext, dst: &[u8; 16], port: u16, proto: u
 }
 
 #[inline(always)]
-fn is_reply(ctx: &SockAddrContext, dst: &[u8; 16], port: u16) -> bool {
-    let key = UdpReplyKey {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        addr: *dst,
+fn peer_key(cookie: u64, addr: &[u8; 16], port: u16) -> UdpReplyKey {
+    UdpReplyKey {
+        cookie,
+        addr: *addr,
         port,
         _pad: [0; 6],
-    };
-    match UDP_REPLIES.get_ptr(&key) {
-        Some(t) => {
-            unsafe { bpf_ktime_get_ns() }.wrapping_sub(unsafe { *t }) < FLOW_REPLY_TIMEOUT_NS
-        }
-        None => false,
     }
 }
 
+#[inline(always)]
+fn fresh(t: u64) -> bool {
+    t == UDP_PEER_CONNECTED
+        || (t != 0 && unsafe { bpf_ktime_get_ns() }.wrapping_sub(t) < UDP_PEER_TIMEOUT_NS)
+}
+
+/// Records that a local UDP socket sends to `addr`:`port` (a connected socket: for as long as the entry lives).
+#[inline(always)]
+fn sent_to(ctx: &SockAddrContext, addr: &[u8; 16], port: u16, connected: bool) {
+    let key = peer_key(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }, addr, port);
+    let now = if connected {
+        UDP_PEER_CONNECTED
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    };
+    match UDP_REPLIES.get_ptr_mut(&key) {
+        Some(p) => unsafe { (*p).sent_ns = now },
+        None => {
+            let v = UdpPeer {
+                sent_ns: now,
+                accepted_ns: 0,
+            };
+            let _ = UDP_REPLIES.insert(&key, &v, 0);
+        }
+    }
+}
+
+/// The client-side check meets a UDP send the peer's policy would refuse: is it an answer to a datagram the
+/// socket accepted from that peer?
+#[inline(always)]
+fn is_reply(ctx: &SockAddrContext, dst: &[u8; 16], port: u16) -> bool {
+    let key = peer_key(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }, dst, port);
+    UDP_REPLIES
+        .get_ptr(&key)
+        .is_some_and(|p| fresh(unsafe { (*p).accepted_ns }))
+}
+
+/// The ingress check meets a UDP datagram: is it an answer to what the receiving socket sent to that peer?
+#[inline(always)]
+fn is_answer(ctx: &SkBuffContext, p: &Packet) -> bool {
+    let key = peer_key(
+        unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        &p.saddr,
+        p.sport,
+    );
+    UDP_REPLIES
+        .get_ptr(&key)
+        .is_some_and(|v| fresh(unsafe { (*v).sent_ns }))
+}
+
 /// Records that the receiving socket accepted a datagram from a workload under policy, so that its answers are
-/// let through by the client-side check (see [`is_reply`]). Peers without policy need no permit.
+/// let through by the client-side check (see [`is_reply`]). Peers without policy need no record.
 #[inline(always)]
 fn permit_reply(ctx: &SkBuffContext, p: &Packet, src: &IpSlot) {
     if src.dst_class & CLASS_ID_MASK == 0 {
         return;
     }
-    let key = UdpReplyKey {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        addr: p.saddr,
-        port: p.sport,
-        _pad: [0; 6],
-    };
+    let key = peer_key(
+        unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        &p.saddr,
+        p.sport,
+    );
     let now = unsafe { bpf_ktime_get_ns() };
-    let _ = UDP_REPLIES.insert(&key, &now, 0);
+    match UDP_REPLIES.get_ptr_mut(&key) {
+        Some(v) => unsafe { (*v).accepted_ns = now },
+        None => {
+            let v = UdpPeer {
+                sent_ns: 0,
+                accepted_ns: now,
+            };
+            let _ = UDP_REPLIES.insert(&key, &v, 0);
+        }
+    }
+}
+
+/// Reads a `T` at `off` bytes into the packet: straight from the linear data when it is there (the usual case
+/// at a socket, where the headers have been pulled), else with `bpf_skb_load_bytes`. The direct read costs no
+/// helper call, which matters because every packet of a policed pod passes here. `off` must be a constant
+/// after inlining: the verifier does not follow a variable offset through this bounds check.
+#[inline(always)]
+fn read<T: Copy>(ctx: &SkBuffContext, off: usize) -> Option<T> {
+    let skb = ctx.skb.skb;
+    let data = unsafe { (*skb).data } as usize;
+    let end = unsafe { (*skb).data_end } as usize;
+    if data + off + core::mem::size_of::<T>() > end {
+        return ctx.load(off).ok();
+    }
+    Some(unsafe { core::ptr::read_unaligned((data + off) as *const T) })
 }
 
 /// Where the transport header is: protocol, offset and IP version. `None`: not IP; an IPv6 packet with extension
@@ -282,11 +359,13 @@ fn permit_reply(ctx: &SkBuffContext, p: &Packet, src: &IpSlot) {
 fn transport(ctx: &SkBuffContext) -> Option<(u8, usize, bool)> {
     let eth = u16::from_be(ctx.skb.protocol() as u16);
     if eth == ETH_P_IP {
-        let vihl: u8 = ctx.load(0).ok()?;
-        let proto: u8 = ctx.load(9).ok()?;
-        Some((proto, ((vihl & 0x0f) as usize) * 4, false))
+        // Whole words: the verifier gives no range to a one-byte check at the very start of the packet.
+        let w0: [u8; 4] = read(ctx, 0)?;
+        let w2: [u8; 4] = read(ctx, 8)?;
+        Some((w2[1], ((w0[0] & 0x0f) as usize) * 4, false))
     } else if eth == ETH_P_IPV6 {
-        let next: u8 = ctx.load(6).ok()?;
+        let w1: [u8; 4] = read(ctx, 4)?;
+        let next = w1[2];
         if matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140) {
             return Some((EXT_HEADERS, 40, true));
         }
@@ -364,7 +443,14 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     }
     if proto == PROTO_TCP {
         // Only a connection's first segment is judged: everything else passes after this one load.
-        let Ok(flags) = ctx.load::<u8>(l4 + 13) else {
+        // Constant offsets for the usual headers (IPv4 without options, IPv6), which the verifier accepts for a
+        // direct read; anything else goes through the helper.
+        let flags = match (v6, l4) {
+            (false, 20) => read::<[u8; 4]>(ctx, 32).map(|w| w[1]),
+            (true, _) => read::<[u8; 4]>(ctx, 52).map(|w| w[1]),
+            _ => ctx.load::<u8>(l4 + 13).ok(),
+        };
+        let Some(flags) = flags else {
             return SKB_PASS;
         };
         if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
@@ -390,20 +476,17 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         sport: p.sport,
         dport: p.dport,
     };
-    if p.proto == PROTO_UDP
-        && let Some(f) = UDP_FLOWS.get_ptr(&flow)
-    {
-        let f = unsafe { *f };
-        let fresh = match f.kind {
-            FLOW_INBOUND => f.generation == st.generation,
-            FLOW_REPLY => {
-                unsafe { bpf_ktime_get_ns() }.wrapping_sub(f.last_out_ns) < FLOW_REPLY_TIMEOUT_NS
-            }
-            _ => false,
-        };
-        if fresh {
+    if p.proto == PROTO_UDP {
+        if UDP_FLOWS
+            .get_ptr(&flow)
+            .is_some_and(|f| unsafe { (*f).generation } == st.generation)
+        {
             bump(counter::UDP_FLOW_HITS);
             permit_reply(ctx, &p, &ip_slot(&p.saddr, epoch));
+            return SKB_PASS;
+        }
+        if is_answer(ctx, &p) {
+            bump(counter::UDP_REPLIES);
             return SKB_PASS;
         }
     }
@@ -428,56 +511,10 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     if p.proto == PROTO_UDP {
         permit_reply(ctx, &p, &s);
         let v = FlowValue {
-            kind: FLOW_INBOUND,
             generation: st.generation,
-            last_out_ns: 0,
+            _pad: 0,
         };
         let _ = UDP_FLOWS.insert(&flow, &v, 0);
     }
     SKB_PASS
-}
-
-/// cgroup_skb egress, UDP only: a datagram a local workload under policy sends opens the way back for replies
-/// (as conntrack does), unless it is itself a reply to a flow that came in.
-#[inline(always)]
-pub fn udp_egress(ctx: &SkBuffContext) {
-    let Some(st) = state() else {
-        return;
-    };
-    if st.enabled == 0 {
-        return;
-    }
-    // TCP and everything else leave after the protocol load.
-    let Some((PROTO_UDP, l4, v6)) = transport(ctx) else {
-        return;
-    };
-    let Some(p) = packet(ctx, PROTO_UDP, l4, v6) else {
-        return;
-    };
-    // Only workloads whose ingress is filtered need a reply entry.
-    let local = ip_slot(&p.saddr, st.epoch & 1);
-    if local.dst_class & CLASS_ID_MASK == 0 {
-        return;
-    }
-    let back = FlowKey {
-        saddr: p.daddr,
-        daddr: p.saddr,
-        sport: p.dport,
-        dport: p.sport,
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(f) = UDP_FLOWS.get_ptr_mut(&back) {
-        unsafe {
-            if (*f).kind == FLOW_REPLY {
-                (*f).last_out_ns = now;
-            }
-        }
-        return;
-    }
-    let v = FlowValue {
-        kind: FLOW_REPLY,
-        generation: 0,
-        last_out_ns: now,
-    };
-    let _ = UDP_FLOWS.insert(&back, &v, 0);
 }

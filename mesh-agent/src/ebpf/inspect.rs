@@ -118,8 +118,11 @@ pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
     };
     let udp_replies = || -> Option<usize> {
         let m = super::open_map(layout, map_names::UDP_REPLIES).ok()?;
-        let map: aya::maps::HashMap<_, mesh_common::policy::UdpReplyKey, u64> =
-            aya::maps::HashMap::try_from(m).ok()?;
+        let map: aya::maps::HashMap<
+            _,
+            mesh_common::policy::UdpReplyKey,
+            mesh_common::policy::UdpPeer,
+        > = aya::maps::HashMap::try_from(m).ok()?;
         Some(map.keys().count())
     };
     let count = |name: &str| -> Option<usize> {

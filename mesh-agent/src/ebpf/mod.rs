@@ -33,9 +33,9 @@ use crate::sys;
 /// The eBPF object built by build.rs from mesh-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
-/// Every program in the object: cgroup sock_addr programs (attach type from their section) and the two
-/// cgroup_skb policy programs.
-pub const PROGRAMS: [&str; 10] = [
+/// Every program in the object: cgroup sock_addr programs (attach type from their section) and the cgroup_skb
+/// ingress policy program.
+pub const PROGRAMS: [&str; 9] = [
     "connect4",
     "connect6",
     "sendmsg4",
@@ -45,7 +45,6 @@ pub const PROGRAMS: [&str; 10] = [
     "getpeername4",
     "getpeername6",
     "policy_ingress",
-    "policy_egress",
 ];
 
 /// Where things are pinned.
@@ -251,12 +250,7 @@ pub fn install<T>(
                 FdLink::try_from(p.take_link(id.with_context(|| format!("attaching {name}"))?)?)?
             }
             Program::CgroupSkb(p) => {
-                let kind = if name.ends_with("egress") {
-                    CgroupSkbAttachType::Egress
-                } else {
-                    CgroupSkbAttachType::Ingress
-                };
-                let id = p.attach(&cgroup, kind, mode);
+                let id = p.attach(&cgroup, CgroupSkbAttachType::Ingress, mode);
                 FdLink::try_from(p.take_link(id.with_context(|| format!("attaching {name}"))?)?)?
             }
             _ => unreachable!("checked when loading"),

@@ -76,6 +76,7 @@ const SKIP_SLOT: LocalSlot = LocalSlot {
     identity: identity::UNKNOWN,
     src_class4: CLASS_SKIP,
     src_class6: CLASS_SKIP,
+    policed: 0,
 };
 
 fn key(p: &Prefix) -> Key<[u8; 16]> {

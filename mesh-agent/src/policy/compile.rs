@@ -516,7 +516,7 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
         ipcache.insert(*prefix, slot);
     }
     let mut local_eps = BTreeMap::new();
-    for w in &workloads {
+    for (i, w) in workloads.iter().enumerate() {
         if w.pod.spec.node_name.as_deref() != Some(inputs.node) {
             continue;
         }
@@ -534,7 +534,7 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
                 .unwrap_or(CLASS_SKIP)
         };
         let (c4, c6) = (class_for(true), class_for(false));
-        if c4 == CLASS_SKIP && c6 == CLASS_SKIP {
+        if c4 == CLASS_SKIP && c6 == CLASS_SKIP && dst_class_of_workload[i] == 0 {
             continue;
         }
         local_eps.insert(
@@ -543,6 +543,7 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
                 identity: identity_ids[&w.identity],
                 src_class4: c4,
                 src_class6: c6,
+                policed: (dst_class_of_workload[i] != 0) as u32,
             },
         );
     }

@@ -13,7 +13,7 @@
 pub mod policy;
 
 /// Bumped by hand whenever the meaning (not only the size) of a map changes.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// `IPPROTO_TCP`.
 pub const PROTO_TCP: u8 = 6;
@@ -48,6 +48,9 @@ pub mod map_names {
     pub const ABI: &str = "abi";
     /// LPM trie: address -> [`crate::policy::IpInfo`].
     pub const IPCACHE: &str = "ipcache";
+    /// Exact address (16 bytes) -> [`crate::policy::IpInfo`]: the single-address entries of `ipcache` again, in
+    /// a hash, so that pods and nodes (nearly every lookup) cost one hash lookup instead of a trie walk.
+    pub const IP_HOSTS: &str = "ip_hosts";
     /// netns cookie (`u64`) -> [`crate::policy::LocalEndpoint`].
     pub const LOCAL_EPS: &str = "local_eps";
     /// [`crate::policy::PolicyKey`] -> [`crate::policy::PolicyValue`].
@@ -65,13 +68,14 @@ pub mod map_names {
     /// [`crate::policy::UdpReplyKey`] -> [`crate::policy::UdpPeer`] (LRU).
     pub const UDP_REPLIES: &str = "udp_replies";
     /// Every map, in the order the agent creates and pins them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         SLOTS,
         BACKENDS,
         REV_NAT,
         COUNTERS,
         IPCACHE,
+        IP_HOSTS,
         LOCAL_EPS,
         POLICY,
         POLICY_STATE,

@@ -42,6 +42,10 @@ pub static ABI: Array<AbiRecord, 1> = Array::new();
 #[btf_map(name = "ipcache")]
 pub static IPCACHE: LpmTrie<[u8; 16], IpInfo, { MAX_IPCACHE as usize }> = LpmTrie::new();
 
+#[btf_map(name = "ip_hosts")]
+pub static IP_HOSTS: HashMap<[u8; 16], IpInfo, { MAX_IPCACHE as usize }, NO_PREALLOC> =
+    HashMap::new();
+
 #[btf_map(name = "local_eps")]
 pub static LOCAL_EPS: HashMap<u64, LocalEndpoint, { MAX_LOCAL_EPS as usize }, NO_PREALLOC> =
     HashMap::new();

@@ -21,8 +21,8 @@ use mesh_common::{
 };
 
 use crate::maps::{
-    IPCACHE, LOCAL_EPS, POLICY, POLICY_COUNTERS, POLICY_EVENTS, POLICY_RATELIMIT, POLICY_STATE,
-    UDP_FLOWS, UDP_REPLIES,
+    IP_HOSTS, IPCACHE, LOCAL_EPS, POLICY, POLICY_COUNTERS, POLICY_EVENTS, POLICY_RATELIMIT,
+    POLICY_STATE, UDP_FLOWS, UDP_REPLIES,
 };
 
 /// cgroup_skb: let the packet through.
@@ -53,7 +53,12 @@ fn bump(index: u32) {
 /// The epoch's slot of an address: its identity and classes. A miss is the world: class 0, no policy.
 #[inline(always)]
 fn ip_slot(addr: &[u8; 16], epoch: u32) -> IpSlot {
-    match IPCACHE.get(&Key::new(128, *addr)) {
+    // Pods and nodes are in the exact-address hash; only other addresses walk the trie.
+    let info = match IP_HOSTS.get_ptr(addr) {
+        Some(p) => Some(unsafe { &*p }),
+        None => IPCACHE.get(&Key::new(128, *addr)),
+    };
+    match info {
         Some(info) if epoch == 0 => info.slots[0],
         Some(info) => info.slots[1],
         None => IpSlot {

@@ -134,6 +134,7 @@ pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
             map_names::BACKENDS => m.backends.keys().count(),
             map_names::REV_NAT => m.rev_nat.keys().count(),
             map_names::IPCACHE => p.ipcache.keys().count(),
+            map_names::IP_HOSTS => p.ip_hosts.keys().count(),
             map_names::LOCAL_EPS => p.local_eps.keys().count(),
             map_names::POLICY => p.policy.keys().count(),
             map_names::UDP_FLOWS => udp_flows()?,

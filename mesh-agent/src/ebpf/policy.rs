@@ -29,6 +29,8 @@ use crate::policy::compile::{Compiled, Prefix};
 /// Handles to the policy maps.
 pub struct PolicyMaps {
     pub ipcache: LpmTrie<MapData, [u8; 16], IpInfo>,
+    /// The single-address entries of `ipcache`, again, in a hash (the kernel looks here first).
+    pub ip_hosts: HashMap<MapData, [u8; 16], IpInfo>,
     pub local_eps: HashMap<MapData, u64, LocalEndpoint>,
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
     pub state: Array<MapData, PolicyState>,
@@ -98,6 +100,7 @@ impl PolicyMaps {
         let m = |name| open_map(layout, name);
         Ok(Self {
             ipcache: LpmTrie::try_from(m(map_names::IPCACHE)?)?,
+            ip_hosts: HashMap::try_from(m(map_names::IP_HOSTS)?)?,
             local_eps: HashMap::try_from(m(map_names::LOCAL_EPS)?)?,
             policy: HashMap::try_from(m(map_names::POLICY)?)?,
             state: Array::try_from(m(map_names::POLICY_STATE)?)?,
@@ -190,8 +193,13 @@ impl PolicyMaps {
         let n = 1 - e;
         let mut changes = PolicyChanges::default();
 
-        // 1. ipcache.
+        // 1. ipcache and its exact-address mirror.
         let existing = self.read_ipcache()?;
+        let mut existing_hosts = BTreeMap::new();
+        for item in self.ip_hosts.iter() {
+            let (k, v) = item.context("reading ip_hosts")?;
+            existing_hosts.insert(k, v);
+        }
         let existing_e: BTreeMap<Prefix, IpSlot> =
             existing.iter().map(|(p, v)| (*p, v.slots[e])).collect();
         let prefixes: BTreeSet<Prefix> = existing
@@ -219,6 +227,25 @@ impl PolicyMaps {
                     .insert(&key(p), info, 0)
                     .with_context(|| format!("writing ipcache {p}"))?;
                 changes.writes += 1;
+            }
+            // The hash mirrors the trie's single addresses, slot for slot, so either answers the same.
+            if p.len == 128 && existing_hosts.get(&p.addr) != Some(&info) {
+                self.ip_hosts
+                    .insert(p.addr, info, 0)
+                    .with_context(|| format!("writing ip_hosts {p}"))?;
+                changes.writes += 1;
+            }
+        }
+        for addr in existing_hosts.keys() {
+            // Only ever a leftover: every single-address entry of the trie was mirrored above.
+            if !prefixes.contains(&Prefix {
+                addr: *addr,
+                len: 128,
+            }) {
+                self.ip_hosts
+                    .remove(addr)
+                    .context("deleting a stray ip_hosts entry")?;
+                changes.deletes += 1;
             }
         }
 
@@ -299,6 +326,11 @@ impl PolicyMaps {
         // 4. what only the old epoch used.
         for p in existing.keys() {
             if !desired.ipcache.contains_key(p) {
+                if p.len == 128 {
+                    self.ip_hosts
+                        .remove(&p.addr)
+                        .with_context(|| format!("deleting ip_hosts {p}"))?;
+                }
                 self.ipcache
                     .remove(&key(p))
                     .with_context(|| format!("deleting ipcache {p}"))?;

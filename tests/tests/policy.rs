@@ -1489,17 +1489,19 @@ fn ipv6_and_v4_mapped_connections_are_judged_like_ipv4() {
     }
 }
 
-#[test]
-fn udp_flows_on_one_socket_are_judged_again_after_each_change() {
-    if !require_privileged("udp_flows_on_one_socket_are_judged_again_after_each_change") {
-        return;
-    }
-    let f = fixture("pol-udp-rejudge");
-    set(&f, &[]);
+/// One socket each, a datagram every 50 ms for 8 s, from cli to web:8080: unconnected and connected from cli's
+/// cgroup (the sendmsg hook sees only the unconnected one's datagrams), and unconnected from outside it (server
+/// side only). `before` is in force first, `deny` (which denies cli -> web) from about 1.5 s for 2.5 s, then
+/// `after`. Datagrams sent more than 1 s after a set is in force must follow it.
+fn udp_sockets_follow_changes(
+    f: &PolicyFixture,
+    before: &[Value],
+    deny: &[Value],
+    after: &[Value],
+) {
+    set(f, before);
     let to = format!("{}:8080", f.w("web").pod.ip4);
     let cli = &f.w("cli").pod;
-    // One socket each, a datagram every 50 ms for 8 s: unconnected and connected from cli's cgroup (the sendmsg
-    // hook sees only the unconnected one's datagrams), and unconnected from outside it (server side only).
     let args = |cmd: &'static str| -> Vec<String> {
         [
             cmd,
@@ -1533,24 +1535,20 @@ fn udp_flows_on_one_socket_are_judged_again_after_each_change() {
         ("connected, client side", spawn("udp-connected", true)),
         ("unconnected, server side", spawn("udp-send", false)),
     ];
-    let deny = [ap(
-        "prod",
-        "deny-cli-udp",
-        json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("dev", "cli")])}]}),
-    )];
     std::thread::sleep(Duration::from_millis(1500));
     let denied_written = sinew_tests::unix_ms();
-    set(&f, &deny);
+    set(f, deny);
     let denied_in_force = sinew_tests::unix_ms();
     std::thread::sleep(Duration::from_millis(2500));
     let allowed_written = sinew_tests::unix_ms();
-    set(&f, &[]);
+    set(f, after);
     let allowed_in_force = sinew_tests::unix_ms();
     let mut problems = Vec::new();
     for (what, p) in senders {
         let out = p.wait(Duration::from_secs(20)).expect("sender ends");
         let r: sinew_tests::testpod::UdpReport = out.json().expect("udp report");
         let mut counts = [0usize; 3];
+        let mut wrong = [0usize; 3];
         for (t, outcome) in &r.timeline {
             let ok = outcome == "ok";
             let phase = if *t < denied_written {
@@ -1565,10 +1563,15 @@ fn udp_flows_on_one_socket_are_judged_again_after_each_change() {
             if let Some((i, want_ok)) = phase {
                 counts[i] += 1;
                 if ok != want_ok {
-                    problems.push(format!(
-                        "{what}: datagram at {t} (phase {i}) {outcome}, want {}",
-                        if want_ok { "ok" } else { "denied" }
-                    ));
+                    wrong[i] += 1;
+                    if wrong[i] <= 3 {
+                        problems.push(format!(
+                            "{what}: datagram at {t} (phase {i}, +{} ms after the set was in force) {outcome}, \
+                             want {}",
+                            t.saturating_sub([0, denied_in_force, allowed_in_force][i]),
+                            if want_ok { "ok" } else { "denied" }
+                        ));
+                    }
                 }
                 if what == "unconnected, client side" && !ok && outcome != "send:EACCES" {
                     problems.push(format!("{what}: denied as {outcome}, not send:EACCES"));
@@ -1576,7 +1579,7 @@ fn udp_flows_on_one_socket_are_judged_again_after_each_change() {
             }
         }
         eprintln!(
-            "{what}: datagrams checked per phase {counts:?}; errors {:?}",
+            "{what}: datagrams checked per phase {counts:?}, wrong {wrong:?}; errors {:?}",
             r.errors
         );
         if counts.iter().any(|&c| c < 3) {
@@ -1585,10 +1588,51 @@ fn udp_flows_on_one_socket_are_judged_again_after_each_change() {
     }
     assert!(
         problems.is_empty(),
-        "{} problem(s) (deny written {denied_written}, in force {denied_in_force}; removed {allowed_written}, \
-         in force {allowed_in_force}):\n  {}",
+        "{} problem(s) (deny written {denied_written}, in force {denied_in_force}; lifted {allowed_written}, \
+         in force {allowed_in_force}):\n  {}\nbefore:\n{}\ndeny:\n{}",
         problems.len(),
-        problems.join("\n  ")
+        problems.join("\n  "),
+        sinew_tests::policy::policies_yaml(before),
+        sinew_tests::policy::policies_yaml(deny),
+    );
+}
+
+#[test]
+fn udp_flows_on_one_socket_are_judged_again_after_each_change() {
+    if !require_privileged("udp_flows_on_one_socket_are_judged_again_after_each_change") {
+        return;
+    }
+    let f = fixture("pol-udp-rejudge");
+    let deny = [ap(
+        "prod",
+        "deny-cli-udp",
+        json!({"selector": sel("web"), "action": "DENY", "rules": [{"from": from_principals(&[spiffe("dev", "cli")])}]}),
+    )];
+    udp_sockets_follow_changes(&f, &[], &deny, &[]);
+}
+
+#[test]
+fn udp_flows_to_a_workload_already_under_policy_are_judged_again_after_a_revocation() {
+    if !require_privileged(
+        "udp_flows_to_a_workload_already_under_policy_are_judged_again_after_a_revocation",
+    ) {
+        return;
+    }
+    // web is under an ALLOW policy from the start, so its answers to cli are recorded as UDP peers; revoking cli
+    // must still stop cli's datagrams on the same sockets within a second.
+    let f = fixture("pol-udp-revoke");
+    let allow = |name: &str, sa: (&str, &str)| {
+        ap(
+            "prod",
+            name,
+            json!({"selector": sel("web"), "rules": [{"from": from_principals(&[spiffe(sa.0, sa.1)])}]}),
+        )
+    };
+    udp_sockets_follow_changes(
+        &f,
+        &[allow("allow-cli-1", ("dev", "cli"))],
+        &[allow("allow-api-only", ("prod", "api"))],
+        &[allow("allow-cli-2", ("dev", "cli"))],
     );
 }
 

@@ -1885,3 +1885,111 @@ fn huge_policies_never_crash_the_agent_or_open_anything() {
         problems.join("\n")
     );
 }
+
+/// One datagram from cli to web:8081 from source port `src_port` (from cli's cgroup or outside it); the outcome.
+fn udp_once(f: &PolicyFixture, managed: bool, src_port: u16) -> String {
+    let to = format!("{}:8081", f.w("web").pod.ip4);
+    let port = src_port.to_string();
+    let args = [
+        "udp-send",
+        "--to",
+        to.as_str(),
+        "--count",
+        "1",
+        "--timeout-ms",
+        "400",
+        "--src-port",
+        port.as_str(),
+        "--timeline",
+    ];
+    let cli = &f.w("cli").pod;
+    let r: sinew_tests::testpod::UdpReport = if managed {
+        cli.run_json(&args, Duration::from_secs(10))
+    } else {
+        cli.run_json_unmanaged(&args, Duration::from_secs(10))
+    }
+    .expect("udp-send");
+    r.timeline
+        .first()
+        .map(|t| t.1.clone())
+        .unwrap_or_else(|| format!("no datagram: {r:?}"))
+}
+
+#[test]
+fn a_reused_udp_source_port_neither_inherits_nor_loses_a_verdict() {
+    if !require_privileged("a_reused_udp_source_port_neither_inherits_nor_loses_a_verdict") {
+        return;
+    }
+    let f = fixture("pol-udp-reuse");
+    let open_web = |name: &str| ap("prod", name, json!({"selector": sel("web"), "rules": [{}]}));
+    let mut problems = Vec::new();
+    let mut check = |what: &str, got: String, want: &str| {
+        eprintln!("{what}: {got}");
+        if got != want {
+            problems.push(format!("{what}: got {got}, want {want}"));
+        }
+    };
+
+    // 1. web is under policy (open to all) and answers cli from port 40001, while cli is under no policy.
+    set(&f, &[open_web("open-web-1")]);
+    check(
+        "cli:40001 -> web, nobody restricted",
+        udp_once(&f, true, 40001),
+        "ok",
+    );
+    // cli comes under default deny (only api may reach it). Its own flows out are not restricted by that: a new
+    // socket on the same port must still get web's answer, like a fresh port does.
+    let cli_closed = ap(
+        "dev",
+        "cli-only-from-api",
+        json!({"selector": sel("cli"), "rules": [{"from": from_principals(&[spiffe("prod", "api")])}]}),
+    );
+    set(&f, &[open_web("open-web-2"), cli_closed]);
+    check(
+        "cli under default deny, fresh port 40002 -> web",
+        udp_once(&f, true, 40002),
+        "ok",
+    );
+    check(
+        "cli under default deny, reused port 40001 -> web",
+        udp_once(&f, true, 40001),
+        "ok",
+    );
+
+    // 2. cli talks to web from port 40003 (outside its cgroup: only web's side judges) while allowed; then cli is
+    // no longer allowed. A new socket on the same port must be judged by the new set, like a fresh port.
+    set(&f, &[open_web("open-web-3")]);
+    check(
+        "cli:40003 -> web, allowed",
+        udp_once(&f, false, 40003),
+        "ok",
+    );
+    let only_api = ap(
+        "prod",
+        "web-only-from-api",
+        json!({"selector": sel("web"), "rules": [{"from": from_principals(&[spiffe("prod", "api")])}]}),
+    );
+    set(&f, &[only_api]);
+    std::thread::sleep(Duration::from_millis(1000));
+    check(
+        "cli no longer allowed, fresh port 40004 -> web (server side)",
+        udp_once(&f, false, 40004),
+        "recv:EAGAIN",
+    );
+    check(
+        "cli no longer allowed, reused port 40003 -> web (server side)",
+        udp_once(&f, false, 40003),
+        "recv:EAGAIN",
+    );
+    check(
+        "cli no longer allowed, reused port 40003 -> web (client side)",
+        udp_once(&f, true, 40003),
+        "send:EACCES",
+    );
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n  {}",
+        problems.len(),
+        problems.join("\n  ")
+    );
+}

@@ -12,7 +12,7 @@
 //! sinew-testpod echo-server --port P [--name NAME]          (serve; name defaults to "echo")
 //! sinew-testpod tcp-connect --to ADDR --count N [--interval-ms M] [--timeout-ms T] [--progress-every K]
 //! sinew-testpod udp-send    --to ADDR --count N [--interval-ms M] [--timeout-ms T] [--new-socket-each] [--timeline]
-//!                           [--duration-ms D]
+//!                           [--duration-ms D] [--src-port P]
 //! sinew-testpod udp-connected --to ADDR --count N [--interval-ms M] [--timeout-ms T] [--timeline] [--duration-ms D]
 //! sinew-testpod rr          --to ADDR [--size S] [--duration-ms D] [--max-requests N] [--timeout-ms T]
 //! sinew-testpod crr         --to ADDR [--size S] [--duration-ms D] [--max N] [--timeout-ms T]
@@ -458,6 +458,14 @@ fn tcp_connect(opts: &Opts) -> ConnectReport {
     r
 }
 
+/// A UDP socket of `to`'s family bound to `port` (0: ephemeral).
+fn udp_socket_from(to: &SocketAddr, port: u16) -> io::Result<UdpSocket> {
+    match to {
+        SocketAddr::V4(_) => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)),
+        SocketAddr::V6(_) => UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)),
+    }
+}
+
 fn udp_socket_for(to: &SocketAddr) -> io::Result<UdpSocket> {
     match to {
         SocketAddr::V4(_) => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)),
@@ -472,6 +480,9 @@ fn udp_send(opts: &Opts, connected: bool) -> UdpReport {
     let timeout = opts.ms("timeout-ms", 1000).max(Duration::from_millis(1));
     let new_each = opts.flag("new-socket-each");
     let timeline = opts.flag("timeline");
+    // A fixed source port (default: an ephemeral one), to reuse a 5-tuple on purpose.
+    let src_port =
+        u16::try_from(opts.num("src-port", 0)).unwrap_or_else(|_| usage("--src-port out of range"));
     let mut r = UdpReport {
         to: to.to_string(),
         ..Default::default()
@@ -499,7 +510,7 @@ fn udp_send(opts: &Opts, connected: bool) -> UdpReport {
         };
         let outcome: String = 'one: {
             if sock.is_none() || new_each {
-                match udp_socket_for(&to).and_then(|s| {
+                match udp_socket_from(&to, src_port).and_then(|s| {
                     s.set_read_timeout(Some(timeout))?;
                     if connected {
                         s.connect(to)?;

@@ -209,10 +209,19 @@ pub struct UdpPeer {
     /// `bpf_ktime_get_ns()` of the last datagram the socket sent to the peer; [`UDP_PEER_CONNECTED`] for a
     /// connected socket; 0: never.
     pub sent_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last datagram accepted from the peer (a workload under policy); 0: never.
+    /// `bpf_ktime_get_ns()` of the last datagram accepted from the peer; 0: never.
     pub accepted_ns: u64,
+    /// Who started the exchange: [`UDP_PEER_SENT`] (the socket) or [`UDP_PEER_ACCEPTED`] (the peer). Only the
+    /// other side's datagrams are answers; the starter's keep being judged, so a revocation reaches them.
+    pub initiator: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<UdpPeer>() == 16);
+const _: () = assert!(core::mem::size_of::<UdpPeer>() == 24);
+
+/// [`UdpPeer::initiator`]: the local socket sent first.
+pub const UDP_PEER_SENT: u32 = 1;
+/// [`UdpPeer::initiator`]: the peer sent first and the local socket accepted it.
+pub const UDP_PEER_ACCEPTED: u32 = 2;
 
 /// Indexes into the per-CPU `pol_counters` array (one `u64` each).
 pub mod counter {

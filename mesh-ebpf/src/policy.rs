@@ -13,9 +13,9 @@ use mesh_common::{
     PROTO_TCP, PROTO_UDP, is_v4_mapped,
     policy::{
         CLASS_ID_MASK, CLASS_SKIP, DIR_EGRESS, DIR_INGRESS, DST_DEFAULT_DENY, FlowKey, FlowValue,
-        IpSlot, PolicyEvent, PolicyKey, PolicyState, PolicyValue, UDP_PEER_CONNECTED,
-        UDP_PEER_TIMEOUT_NS, UdpPeer, UdpReplyKey, VERDICT_ALLOW, VERDICT_DENY, VERDICT_FLAG_AUDIT,
-        counter, identity,
+        IpSlot, PolicyEvent, PolicyKey, PolicyState, PolicyValue, UDP_PEER_ACCEPTED,
+        UDP_PEER_CONNECTED, UDP_PEER_SENT, UDP_PEER_TIMEOUT_NS, UdpPeer, UdpReplyKey,
+        VERDICT_ALLOW, VERDICT_DENY, VERDICT_FLAG_AUDIT, counter, identity,
     },
     v4_mapped,
 };
@@ -213,8 +213,11 @@ pub fn egress_allowed(
             (*ep).slots[1]
         }
     };
-    // A pod under policy records its UDP peers, so that their answers get past its own ingress check.
-    if proto == PROTO_UDP && slot.policed != 0 {
+    let d = ip_slot(dst, epoch);
+    // UDP peers are recorded where policy is involved: a pod under policy needs the answers of its peers to get
+    // past its own ingress check, and a peer under policy must not take this socket's later datagrams for answers
+    // to an exchange it started.
+    if proto == PROTO_UDP && (slot.policed != 0 || d.dst_class & CLASS_ID_MASK != 0) {
         sent_to(ctx, dst, port, connected);
     }
     let src_class = if is_v4_mapped(dst) {
@@ -222,11 +225,7 @@ pub fn egress_allowed(
     } else {
         slot.src_class6
     };
-    if src_class == CLASS_SKIP {
-        return true;
-    }
-    let d = ip_slot(dst, epoch);
-    if d.dst_class & CLASS_ID_MASK == 0 {
+    if src_class == CLASS_SKIP || d.dst_class & CLASS_ID_MASK == 0 {
         return true;
     }
     let verdict = decide(d.dst_class, src_class, port, epoch);
@@ -288,23 +287,26 @@ fn sent_to(ctx: &SockAddrContext, addr: &[u8; 16], port: u16, connected: bool) {
             let v = UdpPeer {
                 sent_ns: now,
                 accepted_ns: 0,
+                initiator: UDP_PEER_SENT,
+                _pad: 0,
             };
             let _ = UDP_REPLIES.insert(&key, &v, 0);
         }
     }
 }
 
-/// The client-side check meets a UDP send the peer's policy would refuse: is it an answer to a datagram the
-/// socket accepted from that peer?
+/// The client-side check meets a UDP send the peer's policy would refuse: is it an answer to an exchange the
+/// peer started (and the socket accepted)?
 #[inline(always)]
 fn is_reply(ctx: &SockAddrContext, dst: &[u8; 16], port: u16) -> bool {
     let key = peer_key(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }, dst, port);
     UDP_REPLIES
         .get_ptr(&key)
-        .is_some_and(|p| fresh(unsafe { (*p).accepted_ns }))
+        .is_some_and(|p| unsafe { (*p).initiator == UDP_PEER_ACCEPTED && fresh((*p).accepted_ns) })
 }
 
-/// The ingress check meets a UDP datagram: is it an answer to what the receiving socket sent to that peer?
+/// The ingress check meets a UDP datagram its policy would refuse: is it an answer to an exchange the receiving
+/// socket started?
 #[inline(always)]
 fn is_answer(ctx: &SkBuffContext, p: &Packet) -> bool {
     let key = peer_key(
@@ -314,14 +316,15 @@ fn is_answer(ctx: &SkBuffContext, p: &Packet) -> bool {
     );
     UDP_REPLIES
         .get_ptr(&key)
-        .is_some_and(|v| fresh(unsafe { (*v).sent_ns }))
+        .is_some_and(|v| unsafe { (*v).initiator == UDP_PEER_SENT && fresh((*v).sent_ns) })
 }
 
-/// Records that the receiving socket accepted a datagram from a workload under policy, so that its answers are
-/// let through by the client-side check (see [`is_reply`]). Peers without policy need no record.
+/// Records that the receiving socket accepted a datagram, so that its answers are let through by the client-side
+/// check (see [`is_reply`]). Needed when the sender is under policy (the answer goes to it); always recorded for
+/// a receiver under policy, so that the entry says who started before the receiver answers.
 #[inline(always)]
-fn permit_reply(ctx: &SkBuffContext, p: &Packet, src: &IpSlot) {
-    if src.dst_class & CLASS_ID_MASK == 0 {
+fn accepted(ctx: &SkBuffContext, p: &Packet, src: &IpSlot, receiver_policed: bool) {
+    if !receiver_policed && src.dst_class & CLASS_ID_MASK == 0 {
         return;
     }
     let key = peer_key(
@@ -336,6 +339,8 @@ fn permit_reply(ctx: &SkBuffContext, p: &Packet, src: &IpSlot) {
             let v = UdpPeer {
                 sent_ns: 0,
                 accepted_ns: now,
+                initiator: UDP_PEER_ACCEPTED,
+                _pad: 0,
             };
             let _ = UDP_REPLIES.insert(&key, &v, 0);
         }
@@ -471,7 +476,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     let d = ip_slot(&p.daddr, epoch);
     if d.dst_class & CLASS_ID_MASK == 0 {
         if proto == PROTO_UDP {
-            permit_reply(ctx, &p, &ip_slot(&p.saddr, epoch));
+            accepted(ctx, &p, &ip_slot(&p.saddr, epoch), false);
         }
         return SKB_PASS;
     }
@@ -487,17 +492,18 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
             .is_some_and(|f| unsafe { (*f).generation } == st.generation)
         {
             bump(counter::UDP_FLOW_HITS);
-            permit_reply(ctx, &p, &ip_slot(&p.saddr, epoch));
-            return SKB_PASS;
-        }
-        if is_answer(ctx, &p) {
-            bump(counter::UDP_REPLIES);
+            accepted(ctx, &p, &ip_slot(&p.saddr, epoch), true);
             return SKB_PASS;
         }
     }
     let s = ip_slot(&p.saddr, epoch);
+    let verdict = decide(d.dst_class, s.src_class, p.dport, epoch);
+    if verdict.verdict == VERDICT_DENY && p.proto == PROTO_UDP && is_answer(ctx, &p) {
+        bump(counter::UDP_REPLIES);
+        return SKB_PASS;
+    }
     let j = Judged {
-        verdict: decide(d.dst_class, s.src_class, p.dport, epoch),
+        verdict,
         src: s,
         dst: d,
     };
@@ -514,7 +520,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         return SKB_DROP;
     }
     if p.proto == PROTO_UDP {
-        permit_reply(ctx, &p, &s);
+        accepted(ctx, &p, &s, true);
         let v = FlowValue {
             generation: st.generation,
             _pad: 0,

@@ -289,8 +289,17 @@ fn replace(pin: &Path, prog: impl std::os::fd::AsFd) -> anyhow::Result<()> {
 /// Detaches every program and unpins everything under the layout. Idempotent; reports what it removed.
 pub fn uninstall(layout: &Layout) -> anyhow::Result<Vec<String>> {
     let mut removed = Vec::new();
-    for name in PROGRAMS {
-        let pin = layout.link(name);
+    // Every link pinned in our links directory, not only today's programs: an older agent may have pinned one
+    // this version no longer has, and it would stay attached.
+    let mut pins: Vec<PathBuf> = PROGRAMS.iter().map(|name| layout.link(name)).collect();
+    if let Ok(dir) = fs::read_dir(layout.links_dir()) {
+        for entry in dir.flatten() {
+            if !pins.contains(&entry.path()) {
+                pins.push(entry.path());
+            }
+        }
+    }
+    for pin in pins {
         if !pin.exists() {
             continue;
         }

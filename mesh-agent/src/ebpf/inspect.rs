@@ -107,24 +107,12 @@ pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
         .as_ref()
         .filter(|a| a.matches)
         .and_then(|_| super::policy::PolicyMaps::open(layout).ok());
-    let udp_flows = || -> Option<usize> {
-        let m = super::open_map(layout, map_names::UDP_FLOWS).ok()?;
-        let map: aya::maps::HashMap<
-            _,
-            mesh_common::policy::FlowKey,
-            mesh_common::policy::FlowValue,
-        > = aya::maps::HashMap::try_from(m).ok()?;
+    // LRU maps the agent holds no handle on: counted through a typed view opened for the occasion.
+    fn lru_entries<K: aya::Pod, V: aya::Pod>(layout: &Layout, name: &str) -> Option<usize> {
+        let map: aya::maps::HashMap<_, K, V> =
+            aya::maps::HashMap::try_from(super::open_map(layout, name).ok()?).ok()?;
         Some(map.keys().count())
-    };
-    let udp_replies = || -> Option<usize> {
-        let m = super::open_map(layout, map_names::UDP_REPLIES).ok()?;
-        let map: aya::maps::HashMap<
-            _,
-            mesh_common::policy::UdpReplyKey,
-            mesh_common::policy::UdpPeer,
-        > = aya::maps::HashMap::try_from(m).ok()?;
-        Some(map.keys().count())
-    };
+    }
     let count = |name: &str| -> Option<usize> {
         let m = maps_handle.as_ref()?;
         let p = policy_handle.as_ref()?;
@@ -137,8 +125,14 @@ pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
             map_names::IP_HOSTS => p.ip_hosts.keys().count(),
             map_names::LOCAL_EPS => p.local_eps.keys().count(),
             map_names::POLICY => p.policy.keys().count(),
-            map_names::UDP_FLOWS => udp_flows()?,
-            map_names::UDP_REPLIES => udp_replies()?,
+            map_names::UDP_FLOWS => lru_entries::<
+                mesh_common::policy::FlowKey,
+                mesh_common::policy::FlowValue,
+            >(layout, name)?,
+            map_names::UDP_REPLIES => lru_entries::<
+                mesh_common::policy::UdpReplyKey,
+                mesh_common::policy::UdpPeer,
+            >(layout, name)?,
             _ => return None,
         })
     };

@@ -655,6 +655,19 @@ mod tests {
         .unwrap()
     }
 
+    /// Compiles for node `n1` with no netns cookies.
+    fn compile_n1(policies: &[AuthorizationPolicy], pods: &[Pod]) -> Compiled {
+        compile(&Inputs {
+            policies,
+            pods,
+            node: "n1",
+            root_namespace: ROOT,
+            trust_domain: TD,
+            netns_cookies: &BTreeMap::new(),
+        })
+        .unwrap()
+    }
+
     fn policy(v: serde_json::Value) -> AuthorizationPolicy {
         serde_json::from_value(v).unwrap()
     }
@@ -887,15 +900,7 @@ mod tests {
                          "rules": [{"from": [{"source": {"namespaces": ["b"]}}], "to": [{"operation": {field: ports}}]}]}
             }))];
             let t0 = std::time::Instant::now();
-            let c = compile(&Inputs {
-                policies: &policies,
-                pods: &pods,
-                node: "n1",
-                root_namespace: ROOT,
-                trust_domain: TD,
-                netns_cookies: &BTreeMap::new(),
-            })
-            .unwrap();
+            let c = compile_n1(&policies, &pods);
             assert!(
                 t0.elapsed() < std::time::Duration::from_secs(5),
                 "{name}: {:?}",
@@ -995,15 +1000,7 @@ mod tests {
             "metadata": {"namespace": "a", "name": "only-web"},
             "spec": {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/a/sa/web"]}}]}]}
         }))];
-        let c = compile(&Inputs {
-            policies: &policies,
-            pods: &pods,
-            node: "n1",
-            root_namespace: ROOT,
-            trust_domain: TD,
-            netns_cookies: &BTreeMap::new(),
-        })
-        .unwrap();
+        let c = compile_n1(&policies, &pods);
         let (_, host) = c.lookup("192.168.0.1".parse().unwrap()).unwrap();
         assert_eq!(host.identity, identity::HOST);
         assert_eq!(host.dst_class, 0);

@@ -30,6 +30,9 @@ pub struct PolicySettings {
     pub limits: EventLimits,
 }
 
+/// What a compilation is made from: the valid policies, the pods, and the netns cookies by pod.
+type CompileInputs = (Vec<AuthorizationPolicy>, Vec<Pod>, BTreeMap<String, u64>);
+
 /// What is in force.
 #[derive(Clone, Debug, Default)]
 struct InForce {
@@ -39,7 +42,7 @@ struct InForce {
     /// Local pods (`namespace/name`) by netns cookie, to name the source of an egress event.
     cookie_pods: BTreeMap<u64, String>,
     /// What this was compiled from (valid policies, pods, netns cookies by pod).
-    inputs: Option<(Vec<AuthorizationPolicy>, Vec<Pod>, BTreeMap<String, u64>)>,
+    inputs: Option<CompileInputs>,
     /// Policies left out of this compilation because they did not fit.
     too_large: Vec<SourceError>,
 }

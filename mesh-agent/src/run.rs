@@ -34,6 +34,8 @@ use crate::{
 
 const POLL: Duration = Duration::from_millis(200);
 const RESYNC: Duration = Duration::from_secs(30);
+/// How soon a pod whose netns could not be read is tried again.
+const NETNS_RETRY: Duration = Duration::from_millis(500);
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     info!(
@@ -110,7 +112,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut last_errors: Vec<String> = Vec::new();
     let mut last_policy_warnings: Vec<String> = Vec::new();
     loop {
-        let due = retry || last_sync.is_none_or(|t| t.elapsed() >= RESYNC) || watcher.changed();
+        // A local pod whose netns cannot be read yet (its sandbox is still being created) is looked at again
+        // soon, not only at the next resync: until then it is enforced only at its destinations.
+        let netns_pending = !last_policy_warnings.is_empty()
+            && last_sync.is_some_and(|t| t.elapsed() >= NETNS_RETRY);
+        let due = retry
+            || netns_pending
+            || last_sync.is_none_or(|t| t.elapsed() >= RESYNC)
+            || watcher.changed();
         if due {
             let (snapshot, errors) = source.load();
             report_errors(&admin_state.metrics, &errors, &mut last_errors);

@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod ebpf;
 pub mod enrollment;
 pub mod events;
+pub mod identity;
 pub mod k8s;
 pub mod metrics;
 pub mod peerauth;

@@ -1,8 +1,8 @@
 //! The file source: a directory of Kubernetes YAML standing in for the API server on one machine.
 //!
 //! Every `*.yaml` / `*.yml` file directly in the directory is a multi-document YAML stream of `v1 Service`,
-//! `discovery.k8s.io/v1 EndpointSlice`, `v1 Pod`, `v1 Namespace` and `security.sinew.dev/v1alpha1
-//! AuthorizationPolicy` objects (a `v1 List` of them also works, as printed by `kubectl get -o yaml`).
+//! `discovery.k8s.io/v1 EndpointSlice`, `v1 Pod`, `v1 Namespace`, and `security.sinew.dev/v1alpha1
+//! AuthorizationPolicy` and `PeerAuthentication` objects (a `v1 List` of them also works, as printed by `kubectl get -o yaml`).
 //!
 //! An object is the unit of acceptance, as with `kubectl apply -f`: [`FileSource::load`] applies every object
 //! of a file that parses and validates, and rejects a bad one alone, keeping that object's last accepted version
@@ -24,6 +24,7 @@ use serde_yaml::Value;
 
 use super::{Object, ObjectKey, Snapshot, SourceError};
 use crate::k8s::{EndpointSlice, Pod, Service};
+use crate::peerauth::{self, PeerAuthentication};
 use crate::policy::{self, AuthorizationPolicy};
 
 /// What one file yields: its documents, or, when it cannot be read or split into YAML documents at all, every
@@ -444,7 +445,7 @@ fn claimed_identity(value: &Value) -> Option<(&str, String, &str)> {
     let namespace = match kind {
         "Namespace" => "",
         // The policy type reads an empty namespace as `default` too.
-        policy::KIND if namespace.is_empty() => "default",
+        policy::KIND | peerauth::KIND if namespace.is_empty() => "default",
         _ => namespace,
     };
     Some((kind, namespace.to_owned(), name))
@@ -471,6 +472,7 @@ fn identify(value: &Value) -> Entry {
         "Pod" => "Pod",
         "Namespace" => "Namespace",
         policy::KIND => policy::KIND,
+        peerauth::KIND => peerauth::KIND,
         _ => return Entry::Unsupported,
     };
     Entry::Rejected(ObjectKey {
@@ -500,6 +502,7 @@ fn to_object(value: Value, origin: Option<(&str, usize)>) -> Result<Object, Stri
         "Service" | "Pod" | "Namespace" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
         policy::KIND => policy::API_VERSION,
+        peerauth::KIND => peerauth::API_VERSION,
         _ => return Err(format!("unsupported kind {kind} ({api_version})")),
     };
     if api_version != expected {
@@ -512,6 +515,7 @@ fn to_object(value: Value, origin: Option<(&str, usize)>) -> Result<Object, Stri
         "Pod" => serde_yaml::from_value(value).map(Object::Pod),
         "Namespace" => serde_yaml::from_value(value).map(Object::Namespace),
         policy::KIND => serde_yaml::from_value(value).map(Object::AuthorizationPolicy),
+        peerauth::KIND => serde_yaml::from_value(value).map(Object::PeerAuthentication),
         _ => serde_yaml::from_value(value).map(Object::EndpointSlice),
     };
     object.map_err(|e| {
@@ -531,6 +535,7 @@ fn error_in_text(text: &str, index: usize, kind: &str) -> Option<String> {
         "EndpointSlice" => EndpointSlice::deserialize(document).map(drop),
         "Namespace" => crate::k8s::Namespace::deserialize(document).map(drop),
         policy::KIND => AuthorizationPolicy::deserialize(document).map(drop),
+        peerauth::KIND => PeerAuthentication::deserialize(document).map(drop),
         _ => return None,
     };
     result.err().map(|e| e.to_string())
@@ -1256,6 +1261,180 @@ status:
         assert_eq!(
             policies(&snapshot),
             [r#"shop/p={"action":"DENY","rules":[{}]}"#]
+        );
+    }
+
+    fn peer_auth(name: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: security.sinew.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n---\n"
+        )
+    }
+
+    fn peer_auths(snapshot: &Snapshot) -> Vec<String> {
+        snapshot
+            .peer_authentications
+            .iter()
+            .map(|p| format!("{}={}", p.key(), serde_json::to_string(&p.spec).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn reads_peer_authentications() {
+        let text = [
+            "apiVersion: security.sinew.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: mesh, namespace: sinew-system}\nspec: {mtls: {mode: STRICT}}\n---\n".to_string(),
+            peer_auth(
+                "web",
+                "\n  selector:\n    matchLabels: {app: web}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: DISABLE}\n    '9090': {mode: PERMISSIVE}",
+            ),
+            peer_auth("ns", "{mtls: null}"),
+            // No namespace: `default`, as for the other kinds.
+            "apiVersion: security.sinew.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: d}\n---\n".to_string(),
+            policy("deny-all", "{}"),
+        ]
+        .concat();
+        let objects = parse_ok(Path::new("pa.yaml"), &text);
+        let keys: Vec<String> = objects.iter().map(|o| o.key().to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "PeerAuthentication sinew-system/mesh",
+                "PeerAuthentication shop/web",
+                "PeerAuthentication shop/ns",
+                "PeerAuthentication default/d",
+                "AuthorizationPolicy shop/deny-all",
+            ]
+        );
+        let mut snapshot = Snapshot::default();
+        for object in objects {
+            snapshot.push(object);
+        }
+        assert_eq!(snapshot.authorization_policies.len(), 1);
+        assert_eq!(snapshot.peer_authentications.len(), 4);
+        let web = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
+        let mode = |port| {
+            crate::peerauth::effective_mode(
+                &snapshot.peer_authentications,
+                policy::DEFAULT_ROOT_NAMESPACE,
+                "shop",
+                &web,
+                port,
+            )
+        };
+        use crate::peerauth::MtlsMode;
+        assert_eq!(mode(8080).mode, MtlsMode::Disable);
+        assert_eq!(mode(9090).mode, MtlsMode::Permissive);
+        assert_eq!(mode(80).mode, MtlsMode::Strict);
+        assert_eq!(mode(80).from.as_deref(), Some("shop/web"));
+    }
+
+    #[test]
+    fn rejects_bad_peer_authentications_naming_the_field() {
+        let text = [
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: istio, namespace: shop}\nspec: {}\n---\n".to_string(),
+            peer_auth("mode", "{mtls: {mode: STRICTT}}"),
+            peer_auth("no-selector", "{mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: DISABLE}}}"),
+            peer_auth("port", "{selector: {matchLabels: {app: web}}, portLevelMtls: {8080a: {mode: DISABLE}, 0: {}}}"),
+            peer_auth("typo", "{selector: {matchLabel: {app: web}}, mtls: {mode: DISABLE}}"),
+            peer_auth("twice", "{selector: {matchLabels: {app: web}}, portLevelMtls: {8080: {}, '8080': {}}}"),
+            "apiVersion: security.sinew.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {namespace: shop}\nspec: {}\n---\n".to_string(),
+            peer_auth("fine", "{mtls: {mode: UNSET}}"),
+        ]
+        .concat();
+        let errors = parse_errors(&text);
+        assert_eq!(errors.len(), 7, "{errors:#?}");
+        assert_eq!(
+            errors[0],
+            "f.yaml: PeerAuthentication shop/istio: unsupported apiVersion security.istio.io/v1 for \
+             PeerAuthentication (expected security.sinew.dev/v1alpha1)"
+        );
+        assert_eq!(
+            errors[1],
+            "f.yaml: PeerAuthentication shop/mode: spec.mtls.mode: \"STRICTT\" is not one of UNSET, DISABLE, \
+             PERMISSIVE, STRICT"
+        );
+        assert_eq!(
+            errors[2],
+            "f.yaml: PeerAuthentication shop/no-selector: spec.portLevelMtls: only valid with a spec.selector \
+             that has matchLabels (a workload policy), as in Istio"
+        );
+        assert_eq!(
+            errors[3],
+            "f.yaml: PeerAuthentication shop/port: spec.portLevelMtls[\"0\"]: port out of range 1-65535; \
+             spec.portLevelMtls[\"8080a\"]: not a port number"
+        );
+        assert_eq!(
+            errors[4],
+            "f.yaml: PeerAuthentication shop/typo: spec.selector.matchLabel: unknown field"
+        );
+        assert!(
+            errors[5].starts_with("f.yaml: PeerAuthentication shop/twice: ")
+                && errors[5].contains("port \"8080\" is given twice"),
+            "{}",
+            errors[5]
+        );
+        assert_eq!(
+            errors[6],
+            "f.yaml: document 7: metadata.name: must not be empty"
+        );
+    }
+
+    #[test]
+    fn a_peer_authentication_edited_into_a_bad_one_keeps_its_old_version() {
+        let dir = TempDir::new();
+        let mut source = FileSource::new(&dir.0);
+        dir.write(
+            "pa.yaml",
+            &[
+                peer_auth("strict", "{mtls: {mode: STRICT}}"),
+                peer_auth("other", "{}"),
+            ]
+            .concat(),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(errors, []);
+        let before = peer_auths(&snapshot);
+        assert_eq!(
+            before,
+            [
+                r#"shop/strict={"mtls":{"mode":"STRICT"}}"#,
+                r#"shop/other={}"#
+            ]
+        );
+        // A typo in the mode must not drop the STRICT object (which would fall back to PERMISSIVE): the old
+        // version stays in force, and `other` is edited. A new bad object contributes nothing.
+        dir.write(
+            "pa.yaml",
+            &[
+                peer_auth("strict", "{mtls: {mode: DISABLED}}"),
+                peer_auth("other", "{mtls: {mode: PERMISSIVE}}"),
+                peer_auth("new", "{portLevelMtls: {80: {mode: DISABLE}}}"),
+            ]
+            .concat(),
+        );
+        let (snapshot, errors) = source.load();
+        assert_eq!(
+            peer_auths(&snapshot),
+            [
+                before[0].clone(),
+                r#"shop/other={"mtls":{"mode":"PERMISSIVE"}}"#.to_string()
+            ]
+        );
+        assert_eq!(
+            messages(&errors),
+            [
+                "pa.yaml: PeerAuthentication shop/strict: spec.mtls.mode: \"DISABLED\" is not one of UNSET, \
+                 DISABLE, PERMISSIVE, STRICT",
+                "pa.yaml: PeerAuthentication shop/new: spec.portLevelMtls: only valid with a spec.selector that \
+                 has matchLabels (a workload policy), as in Istio",
+            ]
+        );
+        // Fixed: the new version is applied; removed: gone.
+        dir.write("pa.yaml", &peer_auth("strict", "{mtls: {mode: DISABLE}}"));
+        let (snapshot, errors) = source.load();
+        assert_eq!(errors, []);
+        assert_eq!(
+            peer_auths(&snapshot),
+            [r#"shop/strict={"mtls":{"mode":"DISABLE"}}"#]
         );
     }
 

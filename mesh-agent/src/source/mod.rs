@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::k8s::{
     EndpointSlice, IntOrString, Namespace, ObjectMeta, Pod, SERVICE_NAME_LABEL, Service,
 };
+use crate::peerauth::PeerAuthentication;
 use crate::policy::AuthorizationPolicy;
 
 pub mod file;
@@ -30,6 +31,9 @@ pub struct Snapshot {
     pub namespaces: Vec<Namespace>,
     /// `security.sinew.dev/v1alpha1` policies, each valid ([`crate::policy::validate`]).
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// `security.sinew.dev/v1alpha1` mTLS modes, each valid ([`crate::peerauth::validate`]). Read, not yet
+    /// enforced (issue 4).
+    pub peer_authentications: Vec<PeerAuthentication>,
 }
 
 /// One rejected input. The admin endpoint exports these as `sinew_source_rejected{file,object,reason}`.
@@ -52,6 +56,7 @@ pub enum Object {
     Pod(Pod),
     Namespace(Namespace),
     AuthorizationPolicy(AuthorizationPolicy),
+    PeerAuthentication(PeerAuthentication),
 }
 
 /// What makes two objects "the same object": kind, namespace and name, as in the API server.
@@ -70,6 +75,7 @@ impl Object {
             Object::Pod(_) => "Pod",
             Object::Namespace(_) => "Namespace",
             Object::AuthorizationPolicy(_) => crate::policy::KIND,
+            Object::PeerAuthentication(_) => crate::peerauth::KIND,
         }
     }
 
@@ -81,6 +87,7 @@ impl Object {
             // Namespaces are cluster-scoped: whatever metadata.namespace says is meaningless for them.
             Object::Namespace(n) => (String::new(), n.metadata.name.clone()),
             Object::AuthorizationPolicy(p) => (p.namespace().to_owned(), p.name().to_owned()),
+            Object::PeerAuthentication(p) => (p.namespace().to_owned(), p.name().to_owned()),
         };
         ObjectKey {
             kind: self.kind(),
@@ -100,6 +107,7 @@ impl Object {
             }
             Object::Namespace(_) => Ok(()),
             Object::AuthorizationPolicy(p) => crate::policy::validate(p),
+            Object::PeerAuthentication(p) => crate::peerauth::validate(p),
         }
     }
 }
@@ -124,6 +132,7 @@ impl Snapshot {
             Object::Pod(p) => self.pods.push(p),
             Object::Namespace(n) => self.namespaces.push(n),
             Object::AuthorizationPolicy(p) => self.authorization_policies.push(p),
+            Object::PeerAuthentication(p) => self.peer_authentications.push(p),
         }
     }
 }

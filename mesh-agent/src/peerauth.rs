@@ -1074,7 +1074,7 @@ spec:
         let r = effective_mode(&policies, ROOT, ROOT, &web(), 80);
         assert_eq!((r.mode, r.from), (Strict, from("sinew-system/mesh")));
         // For a pod in the root namespace, a no-selector policy there is the mesh policy (counted once).
-        let r = effective_mode(&[mesh.clone()], ROOT, ROOT, &web(), 80);
+        let r = effective_mode(&policies[..1], ROOT, ROOT, &web(), 80);
         assert_eq!(r.reason, "mesh policy sinew-system/mesh");
         // Another root namespace: the same object is then a plain namespace policy of sinew-system.
         let r = effective_mode(&[mesh], "istio-system", "shop", &web(), 80);

@@ -14,6 +14,9 @@ pub mod spiffe;
 pub mod svid;
 pub mod verify;
 
+#[cfg(test)]
+mod tests;
+
 use std::path::PathBuf;
 
 pub use ca::{Ca, CaSource};

@@ -58,9 +58,15 @@ pub enum Rejection {
     #[error("the certificate's URI SAN is not a SPIFFE ID of this mesh: {0}")]
     MalformedSpiffeId(SpiffeIdError),
     #[error("the SPIFFE ID {got} is not in the trust domain {expected:?}")]
-    WrongTrustDomain { expected: String, got: SpiffeId },
+    WrongTrustDomain {
+        expected: String,
+        got: Box<SpiffeId>,
+    },
     #[error("the SPIFFE ID {got} is not the expected {expected}")]
-    SpiffeIdMismatch { expected: SpiffeId, got: SpiffeId },
+    SpiffeIdMismatch {
+        expected: Box<SpiffeId>,
+        got: Box<SpiffeId>,
+    },
 }
 
 impl Rejection {
@@ -243,14 +249,14 @@ impl Checker {
         if id.trust_domain() != self.bundle.trust_domain {
             return Err(Rejection::WrongTrustDomain {
                 expected: self.bundle.trust_domain.clone(),
-                got: id,
+                got: Box::new(id),
             });
         }
         if let Some(expected) = &self.expected {
             if *expected != id {
                 return Err(Rejection::SpiffeIdMismatch {
-                    expected: expected.clone(),
-                    got: id,
+                    expected: Box::new(expected.clone()),
+                    got: Box::new(id),
                 });
             }
         }

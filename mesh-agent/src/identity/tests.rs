@@ -105,7 +105,12 @@ fn assert_refused(ca: &Ca, bad: &Svid, expected: Option<SpiffeId>, reason: &str)
     assert!(out.client.is_handshaking());
     // The server hears about it as an alert.
     assert!(
-        matches!(out.server_err, Some(rustls::Error::AlertReceived(_))),
+        matches!(
+            out.server_err,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::CertificateUnknown
+            ))
+        ),
         "{:?}",
         out.server_err
     );
@@ -125,7 +130,12 @@ fn assert_refused(ca: &Ca, bad: &Svid, expected: Option<SpiffeId>, reason: &str)
     let rej = rejection_of(&err).unwrap_or_else(|| panic!("not a rejection: {err}"));
     assert_eq!(rej.reason(), reason, "server side: {rej}");
     assert!(
-        matches!(out.client_err, Some(rustls::Error::AlertReceived(_))),
+        matches!(
+            out.client_err,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::CertificateUnknown
+            ))
+        ),
         "{:?}",
         out.client_err
     );

@@ -95,6 +95,16 @@ fn covering<V: Copy>(table: &BTreeMap<Prefix, V>, p: &Prefix) -> Option<V> {
         .map(|(_, v)| *v)
 }
 
+/// A map's whole content, by key (`what` names the map in the error).
+fn read<K: Ord, V>(
+    entries: impl Iterator<Item = Result<(K, V), aya::maps::MapError>>,
+    what: &str,
+) -> anyhow::Result<BTreeMap<K, V>> {
+    entries
+        .map(|item| item.with_context(|| format!("reading {what}")))
+        .collect()
+}
+
 impl PolicyMaps {
     pub fn open(layout: &Layout) -> anyhow::Result<Self> {
         let m = |name| open_map(layout, name);
@@ -132,39 +142,6 @@ impl PolicyMaps {
         }
     }
 
-    fn read_ipcache(&self) -> anyhow::Result<BTreeMap<Prefix, IpInfo>> {
-        let mut out = BTreeMap::new();
-        for item in self.ipcache.iter() {
-            let (k, v) = item.context("reading ipcache")?;
-            out.insert(
-                Prefix {
-                    addr: k.data(),
-                    len: k.prefix_len() as u8,
-                },
-                v,
-            );
-        }
-        Ok(out)
-    }
-
-    fn read_local_eps(&self) -> anyhow::Result<BTreeMap<u64, LocalEndpoint>> {
-        let mut out = BTreeMap::new();
-        for item in self.local_eps.iter() {
-            let (k, v) = item.context("reading local_eps")?;
-            out.insert(k, v);
-        }
-        Ok(out)
-    }
-
-    fn read_policy(&self) -> anyhow::Result<BTreeMap<PolicyKey, PolicyValue>> {
-        let mut out = BTreeMap::new();
-        for item in self.policy.iter() {
-            let (k, v) = item.context("reading policy")?;
-            out.insert(k, v);
-        }
-        Ok(out)
-    }
-
     /// Puts `desired` in force. `unchanged` says the caller knows it equals what is already in force (then only
     /// the rate limits are refreshed).
     pub fn apply(
@@ -194,12 +171,17 @@ impl PolicyMaps {
         let mut changes = PolicyChanges::default();
 
         // 1. ipcache and its exact-address mirror.
-        let existing = self.read_ipcache()?;
-        let mut existing_hosts = BTreeMap::new();
-        for item in self.ip_hosts.iter() {
-            let (k, v) = item.context("reading ip_hosts")?;
-            existing_hosts.insert(k, v);
-        }
+        let prefixed = self.ipcache.iter().map(|item| {
+            item.map(|(k, v)| {
+                let p = Prefix {
+                    addr: k.data(),
+                    len: k.prefix_len() as u8,
+                };
+                (p, v)
+            })
+        });
+        let existing = read(prefixed, "ipcache")?;
+        let existing_hosts = read(self.ip_hosts.iter(), "ip_hosts")?;
         let existing_e: BTreeMap<Prefix, IpSlot> =
             existing.iter().map(|(p, v)| (*p, v.slots[e])).collect();
         let prefixes: BTreeSet<Prefix> = existing
@@ -250,7 +232,7 @@ impl PolicyMaps {
         }
 
         // 1b. local endpoints.
-        let existing_eps = self.read_local_eps()?;
+        let existing_eps = read(self.local_eps.iter(), "local_eps")?;
         let cookies: BTreeSet<u64> = existing_eps
             .keys()
             .chain(desired.local_eps.keys())
@@ -270,7 +252,7 @@ impl PolicyMaps {
         }
 
         // 2. verdicts under epoch n.
-        let existing_verdicts = self.read_policy()?;
+        let existing_verdicts = read(self.policy.iter(), "policy")?;
         let want: BTreeMap<PolicyKey, PolicyValue> = desired
             .verdicts
             .iter()

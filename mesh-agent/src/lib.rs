@@ -14,6 +14,7 @@ pub mod enrollment;
 pub mod events;
 pub mod identity;
 pub mod k8s;
+mod lenient;
 pub mod metrics;
 pub mod peerauth;
 pub mod policy;

@@ -19,7 +19,7 @@ use std::fmt;
 
 use kube::CustomResource;
 use schemars::JsonSchema;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The API group/version of [`PeerAuthentication`].
 pub const API_VERSION: &str = "security.sinew.dev/v1alpha1";
@@ -149,17 +149,14 @@ pub enum Mode {
     Unknown(String),
 }
 
-impl Mode {
-    pub fn as_str(&self) -> &str {
-        match self {
-            Mode::Unset => "UNSET",
-            Mode::Disable => "DISABLE",
-            Mode::Permissive => "PERMISSIVE",
-            Mode::Strict => "STRICT",
-            Mode::Unknown(s) => s,
-        }
-    }
+crate::lenient::lenient_enum!(Mode {
+    Unset = "UNSET",
+    Disable = "DISABLE",
+    Permissive = "PERMISSIVE",
+    Strict = "STRICT",
+});
 
+impl Mode {
     /// The mode this setting decides, or `None` for `UNSET` (inherit). `Unknown` decides `STRICT`.
     pub fn decided(&self) -> Option<MtlsMode> {
         match self {
@@ -168,55 +165,6 @@ impl Mode {
             Mode::Permissive => Some(MtlsMode::Permissive),
             Mode::Strict | Mode::Unknown(_) => Some(MtlsMode::Strict),
         }
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl From<String> for Mode {
-    fn from(s: String) -> Self {
-        match s.as_str() {
-            "UNSET" => Mode::Unset,
-            "DISABLE" => Mode::Disable,
-            "PERMISSIVE" => Mode::Permissive,
-            "STRICT" => Mode::Strict,
-            _ => Mode::Unknown(s),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Mode {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(Mode::from(String::deserialize(d)?))
-    }
-}
-
-impl Serialize for Mode {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl JsonSchema for Mode {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Mode".into()
-    }
-
-    fn inline_schema() -> bool {
-        true
-    }
-
-    /// The API server refuses other values; one that still arrives (an older CRD, the file source) is kept as
-    /// [`Mode::Unknown`] and rejected by [`validate`].
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "enum": ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"],
-        })
     }
 }
 

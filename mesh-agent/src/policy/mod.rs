@@ -231,45 +231,11 @@ pub enum Action {
     Unknown(String),
 }
 
-impl Action {
-    pub fn as_str(&self) -> &str {
-        match self {
-            Action::Allow => "ALLOW",
-            Action::Deny => "DENY",
-            Action::Audit => "AUDIT",
-            Action::Unknown(s) => s,
-        }
-    }
-}
-
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl From<String> for Action {
-    fn from(s: String) -> Self {
-        match s.as_str() {
-            "ALLOW" => Action::Allow,
-            "DENY" => Action::Deny,
-            "AUDIT" => Action::Audit,
-            _ => Action::Unknown(s),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Action {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(Action::from(String::deserialize(d)?))
-    }
-}
-
-impl Serialize for Action {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
+crate::lenient::lenient_enum!(Action {
+    Allow = "ALLOW",
+    Deny = "DENY",
+    Audit = "AUDIT",
+});
 
 /// One entry of `spec.rules`. `from`, `to` and `when` are ANDed; an absent one matches everything, so `{}`
 /// matches every request.
@@ -506,25 +472,6 @@ fn when_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "type": "array",
         "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
     })
-}
-
-impl JsonSchema for Action {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Action".into()
-    }
-
-    fn inline_schema() -> bool {
-        true
-    }
-
-    /// The API server refuses other values; one that still arrives (an older CRD, the file source) is kept as
-    /// [`Action::Unknown`] and rejected by [`validate`].
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "enum": ["ALLOW", "DENY", "AUDIT"],
-        })
-    }
 }
 
 impl JsonSchema for Port {

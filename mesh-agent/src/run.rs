@@ -194,14 +194,10 @@ fn presync(cfg: &Config, datapath: &Mutex<Datapath>, plane: &Mutex<PolicyPlane>)
     {
         warn!(error = %e, "pre-attach sync of services failed; retried after attach");
     }
-    let rejected = errors
-        .into_iter()
-        .filter(|e| e.object.starts_with(crate::policy::KIND))
-        .collect();
     let result = plane.lock().unwrap_or_else(|e| e.into_inner()).apply(
         &snapshot.authorization_policies,
         &snapshot.pods,
-        rejected,
+        &errors,
     );
     if let Err(e) = result {
         warn!(error = %format!("{e:#}"), "pre-attach sync of policies failed; retried after attach");
@@ -217,13 +213,8 @@ fn apply_policy(
     errors: &[SourceError],
     last_warnings: &mut Vec<String>,
 ) -> bool {
-    let rejected: Vec<SourceError> = errors
-        .iter()
-        .filter(|e| e.object.starts_with(crate::policy::KIND))
-        .cloned()
-        .collect();
     let mut plane = admin.policy.lock().unwrap_or_else(|e| e.into_inner());
-    match plane.apply(&snapshot.authorization_policies, &snapshot.pods, rejected) {
+    match plane.apply(&snapshot.authorization_policies, &snapshot.pods, errors) {
         Ok(Applied {
             changes,
             warnings,

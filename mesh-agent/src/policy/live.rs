@@ -5,7 +5,7 @@
 //! answered from exactly what the kernel enforces.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use mesh_common::policy::{DIR_EGRESS, PolicyEvent, VERDICT_DENY, VERDICT_FLAG_AUDIT, identity};
@@ -15,6 +15,7 @@ use super::compile::{self, Compiled, Inputs};
 use super::eval::{self, Evaluator, Identity, Protocol, Request, RuleStatus};
 use super::{AuthorizationPolicy, validate};
 use crate::ebpf::policy::{EventLimits, PolicyChanges, PolicyCounters, PolicyMaps};
+use crate::ebpf::reconcile::{bytes_addr, proto_name};
 use crate::k8s::Pod;
 use crate::source::SourceError;
 
@@ -188,21 +189,6 @@ pub fn status_word(s: &RuleStatus) -> (&'static str, Option<String>) {
     }
 }
 
-fn proto_word(p: u8) -> &'static str {
-    match p {
-        mesh_common::PROTO_UDP => "udp",
-        _ => "tcp",
-    }
-}
-
-fn fmt_addr(addr: &[u8; 16], port: u16) -> String {
-    let a = Ipv6Addr::from(*addr);
-    match a.to_ipv4_mapped() {
-        Some(v4) => format!("{v4}:{port}"),
-        None => format!("[{a}]:{port}"),
-    }
-}
-
 impl PolicyPlane {
     pub fn new(maps: PolicyMaps, settings: PolicySettings) -> Self {
         Self {
@@ -261,9 +247,14 @@ impl PolicyPlane {
         &mut self,
         policies: &[AuthorizationPolicy],
         pods: &[Pod],
-        rejected: Vec<SourceError>,
+        source_errors: &[SourceError],
     ) -> anyhow::Result<Applied> {
-        self.rejected = rejected;
+        // The source's rejections of policies, for `policy status`.
+        self.rejected = source_errors
+            .iter()
+            .filter(|e| e.object.starts_with(super::KIND))
+            .cloned()
+            .collect();
         // Defence in depth: the source already rejects invalid policies, and none may reach the kernel.
         let policies: Vec<AuthorizationPolicy> = policies
             .iter()
@@ -482,7 +473,7 @@ impl PolicyPlane {
     /// Explains a kernel event and keeps it in the recent-flows ring.
     pub fn record(&mut self, ev: &PolicyEvent) -> Flow {
         let egress = ev.direction == DIR_EGRESS;
-        let dst_ip = IpAddr::V6(Ipv6Addr::from(ev.dst_addr)).to_canonical();
+        let dst_ip = bytes_addr(&ev.dst_addr);
         let dst_pod = self.pod_by_ip(dst_ip).cloned();
         let src_name = self.identity_name(ev.src_identity);
         // At egress the kernel knows the pod by its netns cookie, not its address (not chosen yet).
@@ -492,8 +483,7 @@ impl PolicyPlane {
                 f.pods.iter().find(|p| &p.metadata.key() == key).cloned()
             })
         } else {
-            self.pod_by_ip(IpAddr::V6(Ipv6Addr::from(ev.src_addr)).to_canonical())
-                .cloned()
+            self.pod_by_ip(bytes_addr(&ev.src_addr)).cloned()
         };
         let src_ip = if egress {
             src_pod
@@ -501,7 +491,7 @@ impl PolicyPlane {
                 .and_then(|p| p.ips().first().copied())
                 .unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED))
         } else {
-            IpAddr::V6(Ipv6Addr::from(ev.src_addr)).to_canonical()
+            bytes_addr(&ev.src_addr)
         };
         let (policy, rule, reason) = match (&self.in_force, &dst_pod) {
             (Some(f), Some(dst)) => {
@@ -553,16 +543,10 @@ impl PolicyPlane {
                 "allow"
             },
             audit: ev.flags & VERDICT_FLAG_AUDIT != 0,
-            proto: proto_word(ev.proto),
-            src: if egress {
-                match src_ip {
-                    IpAddr::V4(a) => format!("{a}:0"),
-                    IpAddr::V6(a) => format!("[{a}]:0"),
-                }
-            } else {
-                fmt_addr(&ev.src_addr, ev.src_port)
-            },
-            dst: fmt_addr(&ev.dst_addr, ev.dst_port),
+            proto: proto_name(ev.proto),
+            // At egress the source port is not chosen yet: the kernel reports 0.
+            src: SocketAddr::new(src_ip, ev.src_port).to_string(),
+            dst: SocketAddr::new(dst_ip, ev.dst_port).to_string(),
             src_identity: src_name,
             dst_identity: self.identity_name(ev.dst_identity),
             src_workload: src_pod.map(|p| p.metadata.key()),

@@ -744,12 +744,13 @@ impl Pod {
     /// A command that runs `program` inside the pod: its child first joins the pod's cgroup, then its network
     /// namespace (see [`crate::sys::enter_pod`] for why in that order).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
+        self.command_in(&self.cgroup, program)
+    }
+
+    /// `program` in the pod's network namespace, in `cgroup`.
+    fn command_in(&self, cgroup: &Path, program: impl AsRef<OsStr>) -> Result<Command> {
         let mut cmd = Command::new(program);
-        crate::sys::enter_pod(
-            &mut cmd,
-            &self.cgroup.join("cgroup.procs"),
-            &self.netns_path(),
-        )?;
+        crate::sys::enter_pod(&mut cmd, &cgroup.join("cgroup.procs"), &self.netns_path())?;
         Ok(cmd)
     }
 
@@ -758,13 +759,7 @@ impl Pod {
     /// is not checked, so what it meets is the destination side's enforcement only. Its address is still the
     /// pod's, so a destination judges it by the pod's identity.
     pub fn command_unmanaged(&self, program: impl AsRef<OsStr>) -> Result<Command> {
-        let mut cmd = Command::new(program);
-        crate::sys::enter_pod(
-            &mut cmd,
-            &self.outside_cgroup.join("cgroup.procs"),
-            &self.netns_path(),
-        )?;
-        Ok(cmd)
+        self.command_in(&self.outside_cgroup, program)
     }
 
     /// The cgroup [`Pod::command_unmanaged`] puts processes in (not below the node's cgroup root).

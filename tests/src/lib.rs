@@ -19,6 +19,8 @@
 //! - [`policy`] (issue 3): workloads with identities, `AuthorizationPolicy` objects, reference verdicts from
 //!   `mesh_agent::policy::eval`, and probe matrices run from a pod's cgroup ([`Pod::probe`]: the client side
 //!   enforces) or from its netns outside every cgroup ([`Pod::probe_unmanaged`]: only the destination enforces).
+//! - [`mesh`] (issue 4): enrolled pods, one CA shared by the agents, `PeerAuthentication`, `/debug/certs`, raw TLS
+//!   and HBONE clients; [`capture`]: packet capture on an interface of a namespace (no tcpdump needed).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -34,8 +36,10 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod capture;
 pub mod guards;
 pub mod manifest;
+pub mod mesh;
 pub mod policy;
 pub mod privileged;
 pub mod process;

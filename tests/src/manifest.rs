@@ -341,6 +341,28 @@ pub fn authorization_policy(namespace: &str, name: &str, spec: Value) -> Value {
     })
 }
 
+/// A `security.sinew.dev/v1alpha1 PeerAuthentication` object with Istio's `spec`, given as JSON:
+/// `peer_authentication("default", "web-strict", json!({"selector": {"matchLabels": {"app": "web"}},
+/// "mtls": {"mode": "STRICT"}, "portLevelMtls": {"8081": {"mode": "PERMISSIVE"}}}))`.
+pub fn peer_authentication(namespace: &str, name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": AUTHZ_API_VERSION,
+        "kind": "PeerAuthentication",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    })
+}
+
+/// A `v1 Namespace` object with `labels` (e.g. `[("sinew.dev/mesh", "enabled")]`).
+pub fn namespace(name: &str, labels: &[(&str, &str)]) -> Value {
+    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "labels": labels},
+    })
+}
+
 /// Writes a JSON value as a block-style YAML document.
 pub fn to_yaml(v: &Value) -> String {
     let mut out = String::new();

@@ -20,7 +20,11 @@
 //! sinew-testpod udp-flood   --to ADDR --count N [--duration-ms D]
 //! sinew-testpod probe-loop  --targets .. --duration-ms D [--interval-ms I] [--timeout-ms T] [--max-rounds N]
 //!                           [--stop-file PATH]
+//! sinew-testpod hold        --to ADDR [--payload P] [--count N] [--interval-ms M] [--duration-ms D] [--timeout-ms T]
 //! ```
+//! `hold` keeps ONE connection: it reads the name line, then writes P (default `hold-ping`) and reads the same bytes
+//! back, every M ms, until N round trips or D ms, stopping at the first error; it prints one
+//! `sinew_tests::mesh::HoldReport` (round trips done, the first error and when it happened).
 //! `probe` tries every target once, concurrently, each bounded by `--timeout-ms` (default 400): TCP connects,
 //! reads the name line and has 4 bytes echoed; UDP sends one datagram from a fresh unconnected socket (`sendto`)
 //! and waits for the reply. It prints one [`ProbeReport`] line; see `ProbeResult` for the outcome words.
@@ -75,6 +79,7 @@ fn main() {
         "probe" => print(&probe(&opts)),
         "probe-loop" => print(&probe_loop(&opts)),
         "udp-flood" => print(&udp_flood(&opts)),
+        "hold" => print(&hold(&opts)),
         other => usage(&format!("unknown subcommand {other:?}")),
     };
     if let Err(e) = result {
@@ -934,5 +939,83 @@ fn udp_flood(opts: &Opts) -> FloodReport {
         }
     }
     r.duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+    r
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// One long-lived connection
+
+fn hold(opts: &Opts) -> sinew_tests::mesh::HoldReport {
+    let to = opts.to();
+    let payload = opts
+        .str("payload")
+        .unwrap_or("hold-ping")
+        .as_bytes()
+        .to_vec();
+    if payload.is_empty() {
+        usage("--payload must not be empty");
+    }
+    let count = opts.count("count", 1_000_000);
+    let interval = opts.ms("interval-ms", 0);
+    let duration = opts.ms("duration-ms", 1000);
+    let timeout = opts.ms("timeout-ms", 2000).max(Duration::from_millis(1));
+    let mut r = sinew_tests::mesh::HoldReport {
+        to: to.to_string(),
+        started_unix_ms: sinew_tests::unix_ms(),
+        ..Default::default()
+    };
+    let fail = |r: &mut sinew_tests::mesh::HoldReport, stage: &str, e: &io::Error| {
+        r.first_error = Some(format!("{stage}:{}: {e}", err_key(e)));
+        r.first_error_unix_ms = Some(sinew_tests::unix_ms());
+        r.finished_unix_ms = sinew_tests::unix_ms();
+    };
+    let mut s = match TcpStream::connect_timeout(&to, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            fail(&mut r, "connect", &e);
+            return r;
+        }
+    };
+    let _ = s.set_nodelay(true);
+    match read_name(&mut s, timeout) {
+        Ok(n) => r.name = Some(n),
+        Err(e) => {
+            fail(&mut r, "name", &e);
+            return r;
+        }
+    }
+    r.connected = true;
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    let mut back = vec![0u8; payload.len()];
+    let start = Instant::now();
+    while r.round_trips < count && start.elapsed() < duration {
+        if r.round_trips > 0 && !interval.is_zero() {
+            std::thread::sleep(interval.min(duration.saturating_sub(start.elapsed())));
+            if start.elapsed() >= duration {
+                break;
+            }
+        }
+        let t0 = Instant::now();
+        if let Err(e) = s.write_all(&payload) {
+            fail(&mut r, "write", &e);
+            return r;
+        }
+        if let Err(e) = s.read_exact(&mut back) {
+            fail(&mut r, "read", &e);
+            return r;
+        }
+        if back != payload {
+            let e = io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the echo differs from the payload",
+            );
+            fail(&mut r, "echo", &e);
+            return r;
+        }
+        r.max_rtt_ms = r.max_rtt_ms.max(t0.elapsed().as_secs_f64() * 1000.0);
+        r.round_trips += 1;
+    }
+    r.finished_unix_ms = sinew_tests::unix_ms();
     r
 }

@@ -50,6 +50,9 @@ use sinew_tests::testpod::{
     ProbeReport, ProbeResult, ProbeRound, RrReport, ServeReady, UdpReport, errno_name, percentile,
 };
 
+#[path = "testpod_bulk/mod.rs"]
+mod bulk;
+
 /// Hard caps, whatever the arguments say.
 const MAX_COUNT: u64 = 1_000_000;
 const MAX_DURATION: Duration = Duration::from_secs(600);
@@ -80,6 +83,7 @@ fn main() {
         "probe-loop" => print(&probe_loop(&opts)),
         "udp-flood" => print(&udp_flood(&opts)),
         "hold" => print(&hold(&opts)),
+        "bulk" => bulk::bulk(&opts),
         other => usage(&format!("unknown subcommand {other:?}")),
     };
     if let Err(e) = result {

@@ -19,7 +19,7 @@ use crate::{
     datapath::Datapath,
     ebpf::{
         self, Layout, Maps,
-        policy::{EventLimits, PolicyMaps},
+        policy::{EventLimits, PolicyMaps, ProxyRedirect},
         reconcile::Reconciler,
     },
     events,
@@ -85,6 +85,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     // A short burst is reported in full; a flood is sampled at the rate.
                     burst: cfg.policy_events_per_sec.clamp(1, 1000),
                 },
+                proxy: ProxyRedirect::default(),
             },
         )));
         presync(&cfg, &datapath, &plane);
@@ -197,6 +198,7 @@ fn presync(cfg: &Config, datapath: &Mutex<Datapath>, plane: &Mutex<PolicyPlane>)
     let result = plane.lock().unwrap_or_else(|e| e.into_inner()).apply(
         &snapshot.authorization_policies,
         &snapshot.pods,
+        &snapshot.mesh_inputs(),
         &errors,
     );
     if let Err(e) = result {
@@ -214,7 +216,12 @@ fn apply_policy(
     last_warnings: &mut Vec<String>,
 ) -> bool {
     let mut plane = admin.policy.lock().unwrap_or_else(|e| e.into_inner());
-    match plane.apply(&snapshot.authorization_policies, &snapshot.pods, errors) {
+    match plane.apply(
+        &snapshot.authorization_policies,
+        &snapshot.pods,
+        &snapshot.mesh_inputs(),
+        errors,
+    ) {
         Ok(Applied {
             changes,
             warnings,

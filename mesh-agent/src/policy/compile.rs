@@ -29,14 +29,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use mesh_common::policy::{
-    CLASS_SKIP, DST_DEFAULT_DENY, IpSlot, LocalSlot, PolicyValue, VERDICT_ALLOW, VERDICT_DENY,
-    VERDICT_FLAG_AUDIT, identity,
+    CLASS_SKIP, DST_DEFAULT_DENY, IpSlot, LOCAL_ENROLLED, LOCAL_POLICED, LocalSlot, MESH_DISABLE,
+    MESH_ENROLLED, MESH_PORT_MODES, MESH_STRICT, MTLS_PORT_DISABLE, MTLS_PORT_PERMISSIVE,
+    MTLS_PORT_STRICT, PolicyValue, VERDICT_ALLOW, VERDICT_DENY, VERDICT_FLAG_AUDIT, identity,
 };
 use serde::Serialize;
 
 use super::eval::{Evaluator, Identity, Protocol, Request, Verdict};
 use super::{Action, AuthorizationPolicy};
-use crate::k8s::Pod;
+use crate::k8s::{Namespace, Pod};
+use crate::peerauth::{MtlsMode, PeerAuthentication, workload_modes};
 
 /// An IPv4 prefix length in the kernel's 128-bit keys is this plus the IPv4 length.
 const V4_MAPPED_BITS: u8 = 96;
@@ -153,6 +155,28 @@ pub struct Inputs<'a> {
     /// Netns cookies of this node's pods, by pod key (`namespace/name`). A local pod without one is only
     /// enforced at its destinations.
     pub netns_cookies: &'a BTreeMap<String, u64>,
+    pub mesh: &'a MeshInputs,
+}
+
+/// What the mesh half of the tables is made from (issue 4): who is enrolled, the mTLS modes, the node proxy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshInputs {
+    /// For the namespace's enrollment label.
+    pub namespaces: Vec<Namespace>,
+    /// Valid `PeerAuthentication` objects.
+    pub peer_authentications: Vec<PeerAuthentication>,
+    /// The node proxy's addresses (where redirected connections go, and the source of its connections to local
+    /// workloads): the kernel knows them as [`identity::NODE_PROXY`]. Empty: no proxy, nothing is redirected.
+    pub proxy_addrs: Vec<IpAddr>,
+}
+
+/// An enrolled workload's mTLS modes, as compiled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Enrolled {
+    /// The mode of ports without their own.
+    pub mode: MtlsMode,
+    /// Ports whose mode differs.
+    pub ports: BTreeMap<u16, MtlsMode>,
 }
 
 /// A source class: who (if anyone) and which policy CIDRs contain the address.
@@ -197,6 +221,10 @@ pub struct Compiled {
     pub dest_classes: Vec<DestClass>,
     /// Policy key -> the pods (`namespace/name`) it applies to.
     pub selects: BTreeMap<String, Vec<String>>,
+    /// (address, port) -> `MTLS_PORT_*`: ports of enrolled workloads whose mode differs from the workload's.
+    pub mtls_ports: BTreeMap<([u8; 16], u16), u32>,
+    /// Enrolled pods (`namespace/name`) and their modes.
+    pub enrolled: BTreeMap<String, Enrolled>,
 }
 
 /// The numeric identity of `namespace/serviceaccount`: a hash, so that every node and every restart gives the
@@ -237,6 +265,8 @@ enum Owner {
     /// Index into the workloads.
     Pod(usize),
     Host,
+    /// The node proxy's own address.
+    Proxy,
     World,
 }
 
@@ -302,6 +332,10 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
     for prefix in &host_ips {
         owners.insert(*prefix, Owner::Host);
     }
+    // The proxy's addresses are its own even if something else claims them: the kernel must know the proxy.
+    for ip in &inputs.mesh.proxy_addrs {
+        owners.insert(Prefix::host(*ip), Owner::Proxy);
+    }
     let cidrs: Vec<Prefix> = eval
         .cidrs()
         .into_iter()
@@ -348,7 +382,7 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
             .collect();
         let identity = match owner {
             Owner::Pod(i) => Some(workloads[*i].identity.clone()),
-            Owner::Host | Owner::World => None,
+            Owner::Host | Owner::Proxy | Owner::World => None,
         };
         if identity.is_none() && membership.is_empty() && src_class_of.values().all(|&c| c != 0) {
             // Class 0's placeholder example may lie in a CIDR; a real unowned, uncovered address does not.
@@ -493,6 +527,48 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
             c => c,
         }
     };
+    // Mesh: enrollment and mTLS modes of every workload (a remote one too: this node's clients redirect to it).
+    let mut enrolled: BTreeMap<String, Enrolled> = BTreeMap::new();
+    let mut mesh_bits = vec![0u32; workloads.len()];
+    let mut mtls_ports = BTreeMap::new();
+    let no_labels = BTreeMap::new();
+    for (i, w) in workloads.iter().enumerate() {
+        let ns = &w.pod.metadata.namespace;
+        let ns_labels = inputs
+            .mesh
+            .namespaces
+            .iter()
+            .find(|n| n.metadata.name == *ns)
+            .map_or(&no_labels, |n| &n.metadata.labels);
+        if !crate::enrollment::enrolled(&w.pod.metadata.labels, ns_labels) {
+            continue;
+        }
+        let (mode, ports) = workload_modes(
+            &inputs.mesh.peer_authentications,
+            inputs.root_namespace,
+            ns,
+            &w.pod.metadata.labels,
+        );
+        mesh_bits[i] = MESH_ENROLLED
+            | match mode {
+                MtlsMode::Strict => MESH_STRICT,
+                MtlsMode::Disable => MESH_DISABLE,
+                MtlsMode::Permissive => 0,
+            }
+            | if ports.is_empty() { 0 } else { MESH_PORT_MODES };
+        for ip in &w.ips {
+            for (&port, &m) in &ports {
+                let v = match m {
+                    MtlsMode::Strict => MTLS_PORT_STRICT,
+                    MtlsMode::Disable => MTLS_PORT_DISABLE,
+                    MtlsMode::Permissive => MTLS_PORT_PERMISSIVE,
+                };
+                mtls_ports.insert((Prefix::host(*ip).addr, port), v);
+            }
+        }
+        enrolled.insert(w.key.clone(), Enrolled { mode, ports });
+    }
+
     let mut ipcache = BTreeMap::new();
     for (prefix, owner) in &owners {
         let src_class = src_class_of.get(prefix).copied().unwrap_or(0);
@@ -501,16 +577,25 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
                 identity: identity_ids[&workloads[*i].identity],
                 src_class,
                 dst_class: dst_bits(dst_class_of_workload[*i]),
+                mesh: mesh_bits[*i],
             },
             Owner::Host => IpSlot {
                 identity: identity::HOST,
                 src_class,
                 dst_class: 0,
+                mesh: 0,
+            },
+            Owner::Proxy => IpSlot {
+                identity: identity::NODE_PROXY,
+                src_class,
+                dst_class: 0,
+                mesh: 0,
             },
             Owner::World => IpSlot {
                 identity: identity::WORLD,
                 src_class,
                 dst_class: 0,
+                mesh: 0,
             },
         };
         ipcache.insert(*prefix, slot);
@@ -534,7 +619,14 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
                 .unwrap_or(CLASS_SKIP)
         };
         let (c4, c6) = (class_for(true), class_for(false));
-        if c4 == CLASS_SKIP && c6 == CLASS_SKIP && dst_class_of_workload[i] == 0 {
+        let mut flags = 0;
+        if dst_class_of_workload[i] != 0 {
+            flags |= LOCAL_POLICED;
+        }
+        if mesh_bits[i] & MESH_ENROLLED != 0 {
+            flags |= LOCAL_ENROLLED;
+        }
+        if c4 == CLASS_SKIP && c6 == CLASS_SKIP && flags == 0 {
             continue;
         }
         local_eps.insert(
@@ -543,13 +635,14 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
                 identity: identity_ids[&w.identity],
                 src_class4: c4,
                 src_class6: c6,
-                policed: (dst_class_of_workload[i] != 0) as u32,
+                flags,
             },
         );
     }
 
     Ok(Compiled {
-        enabled: !dest_classes.is_empty(),
+        // The mesh needs the connect hook (redirect, STRICT) even where no AuthorizationPolicy applies.
+        enabled: !dest_classes.is_empty() || !enrolled.is_empty(),
         ipcache,
         local_eps,
         verdicts,
@@ -557,6 +650,8 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
         source_classes,
         dest_classes,
         selects,
+        mtls_ports,
+        enrolled,
     })
 }
 
@@ -664,6 +759,7 @@ mod tests {
             root_namespace: ROOT,
             trust_domain: TD,
             netns_cookies: &BTreeMap::new(),
+            mesh: &MeshInputs::default(),
         })
         .unwrap()
     }
@@ -813,6 +909,7 @@ mod tests {
                 root_namespace: ROOT,
                 trust_domain: TD,
                 netns_cookies: &cookies,
+                mesh: &MeshInputs::default(),
             })
             .unwrap();
             for dst in &pods {
@@ -948,6 +1045,7 @@ mod tests {
             root_namespace: ROOT,
             trust_domain: TD,
             netns_cookies: &BTreeMap::new(),
+            mesh: &MeshInputs::default(),
         })
         .unwrap();
         assert!(!c.enabled);

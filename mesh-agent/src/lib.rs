@@ -18,6 +18,7 @@ mod lenient;
 pub mod metrics;
 pub mod peerauth;
 pub mod policy;
+pub mod proxy;
 pub mod run;
 pub mod source;
 pub mod state;

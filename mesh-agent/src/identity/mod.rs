@@ -16,6 +16,7 @@ pub mod ca;
 pub mod manager;
 pub mod spiffe;
 pub mod svid;
+pub mod testing;
 pub mod verify;
 
 #[cfg(test)]

@@ -4,12 +4,9 @@
 
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, IsCa};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
-use time::OffsetDateTime;
 
-use super::svid::{leaf_params, sign};
 use super::*;
 
 const TD: &str = "cluster.local";
@@ -76,17 +73,7 @@ fn id(ns: &str, sa: &str) -> SpiffeId {
 
 /// An SVID signed by `ca` with `uris` as URI SANs, valid from `nb` to `na` (relative to now), optionally CA:true.
 fn crafted(ca: &Ca, uris: &[&str], nb: i64, na: i64, leaf_is_ca: bool) -> Svid {
-    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
-    let mut params = leaf_params(
-        uris.iter().map(|u| u.to_string()).collect(),
-        now + time::Duration::seconds(nb),
-        now + time::Duration::seconds(na),
-    )
-    .unwrap();
-    if leaf_is_ca {
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    }
-    sign(ca, id("bad", "bad"), &params).unwrap()
+    testing::crafted(ca, uris, nb, na, leaf_is_ca).unwrap()
 }
 
 /// The peer presenting `bad` is refused with `reason`: a client refuses such a server, and a server refuses such a

@@ -1,9 +1,9 @@
 //! `PeerAuthentication` (`security.sinew.dev/v1alpha1`): Istio's API for the mTLS mode a workload accepts, and a
 //! pure function that resolves the effective mode of one workload port (issue 4).
 //!
-//! Groundwork only: nothing in the kernel or the proxy reads these yet. The file source accepts the objects
-//! (validated, per-object last-good) and puts them in [`Snapshot::peer_authentications`]; the datapath will use
-//! [`effective_mode`] once the node proxy exists. See `docs/peer-authentication.md`.
+//! The file source accepts the objects (validated, per-object last-good) and puts them in
+//! [`Snapshot::peer_authentications`]; the policy compiler turns [`workload_modes`] into the kernel's mTLS tables
+//! (STRICT enforced in the kernel). See `docs/peer-authentication.md` and `docs/mesh.md`.
 //!
 //! The types read the YAML users write for Istio: `selector.matchLabels`, `mtls.mode` (`STRICT`, `PERMISSIVE`,
 //! `DISABLE`, `UNSET`; absent is `UNSET`), `portLevelMtls` keyed by port (strings or numbers). As with
@@ -451,9 +451,7 @@ pub fn workload_modes(
     // them names, then ask the reference for each.
     let named: BTreeSet<u16> = policies
         .iter()
-        .filter(|pa| {
-            level(pa, root_namespace, pod_namespace, pod_labels) == Some(Level::Workload)
-        })
+        .filter(|pa| level(pa, root_namespace, pod_namespace, pod_labels) == Some(Level::Workload))
         .flat_map(|pa| pa.spec.port_level_mtls.keys())
         .filter_map(|k| parse_port(k).ok())
         .collect();

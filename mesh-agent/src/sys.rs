@@ -154,11 +154,7 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 ///
 /// A throwaway thread enters the namespace and asks a socket created there; the agent's own threads never move.
 pub fn netns_cookie(path: &Path) -> io::Result<u64> {
-    let ns = std::fs::File::open(path)?;
-    std::thread::spawn(move || -> io::Result<u64> {
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    in_netns(Some(path), || -> io::Result<u64> {
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
@@ -179,9 +175,27 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
             return Err(io::Error::last_os_error());
         }
         Ok(cookie)
+    })?
+}
+
+/// Runs `f` on a throwaway thread that first enters the network namespace at `path` (`None`: the agent's own), so
+/// the agent's other threads never move. Sockets `f` creates, and threads it spawns, belong to that namespace (a
+/// new thread inherits its creator's namespaces).
+pub fn in_netns<T: Send>(path: Option<&Path>, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let ns = path.map(std::fs::File::open).transpose()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> io::Result<T> {
+                if let Some(ns) = ns
+                    && unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| io::Error::other("netns thread panicked"))?
     })
-    .join()
-    .map_err(|_| io::Error::other("netns cookie thread panicked"))?
 }
 
 /// Reads a `T` from the start of `bytes` (a ring buffer record), if there are enough of them.
@@ -210,7 +224,8 @@ pub fn ensure_loopback_addr(addr: std::net::IpAddr) -> io::Result<()> {
     let mut msg = Vec::with_capacity(total);
     msg.extend_from_slice(&(total as u32).to_ne_bytes());
     msg.extend_from_slice(&libc::RTM_NEWADDR.to_ne_bytes());
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
+    let flags =
+        (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
     msg.extend_from_slice(&flags.to_ne_bytes());
     msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel

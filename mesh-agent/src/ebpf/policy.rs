@@ -340,7 +340,9 @@ impl PolicyMaps {
             .collect();
         for k in existing_modes.keys() {
             if k.epoch as usize == n && !want_modes.contains_key(k) {
-                self.mtls_ports.remove(k).context("deleting a stale mtls_ports entry")?;
+                self.mtls_ports
+                    .remove(k)
+                    .context("deleting a stale mtls_ports entry")?;
                 changes.deletes += 1;
             }
         }
@@ -398,7 +400,9 @@ impl PolicyMaps {
         }
         for k in existing_modes.keys() {
             if k.epoch as usize == e {
-                self.mtls_ports.remove(k).context("deleting an old mtls_ports entry")?;
+                self.mtls_ports
+                    .remove(k)
+                    .context("deleting an old mtls_ports entry")?;
                 changes.deletes += 1;
             }
         }

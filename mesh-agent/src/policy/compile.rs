@@ -1116,4 +1116,118 @@ mod tests {
             80
         ));
     }
+
+    fn namespace(name: &str, labels: serde_json::Value) -> Namespace {
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap()
+    }
+
+    fn peer_auth(v: serde_json::Value) -> PeerAuthentication {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn enrolled_pod(ns: &str, name: &str, ip: &str, node: &str) -> Pod {
+        let mut p = pod(ns, name, name, name, ip, node);
+        p.metadata
+            .labels
+            .insert("sinew.dev/mesh".into(), "enabled".into());
+        p
+    }
+
+    fn slot_of(c: &Compiled, ip: &str) -> IpSlot {
+        c.ipcache[&Prefix::host(ip.parse().unwrap())]
+    }
+
+    #[test]
+    fn mesh_flags_follow_enrollment_and_peer_authentication_modes() {
+        let pods = vec![
+            enrolled_pod("a", "web", "10.0.1.1", "n1"),
+            enrolled_pod("a", "api", "10.0.1.2", "n2"),
+            pod("a", "plain", "plain", "plain", "10.0.1.3", "n1"),
+            // Enrolled through its namespace.
+            pod("m", "db", "db", "db", "10.0.2.1", "n2"),
+            // Opted out of an enrolled namespace.
+            {
+                let mut p = pod("m", "out", "out", "out", "10.0.2.2", "n2");
+                p.metadata
+                    .labels
+                    .insert("sinew.dev/mesh".into(), "disabled".into());
+                p
+            },
+        ];
+        let mesh = MeshInputs {
+            namespaces: vec![namespace("m", json!({"sinew.dev/mesh": "enabled"}))],
+            peer_authentications: vec![
+                // Mesh-wide STRICT...
+                peer_auth(json!({"metadata": {"namespace": ROOT, "name": "all"},
+                                 "spec": {"mtls": {"mode": "STRICT"}}})),
+                // ...namespace m PERMISSIVE...
+                peer_auth(json!({"metadata": {"namespace": "m", "name": "ns"},
+                                 "spec": {"mtls": {"mode": "PERMISSIVE"}}})),
+                // ...and web: DISABLE on 9090, PERMISSIVE on 8081 (the rest inherits STRICT).
+                peer_auth(json!({"metadata": {"namespace": "a", "name": "web"},
+                                 "spec": {"selector": {"matchLabels": {"app": "web"}},
+                                          "portLevelMtls": {"9090": {"mode": "DISABLE"},
+                                                            "8081": {"mode": "PERMISSIVE"}}}})),
+            ],
+            proxy_addrs: vec!["169.254.7.1".parse().unwrap()],
+        };
+        let cookies = BTreeMap::from([("a/web".to_string(), 11u64), ("a/plain".to_string(), 12)]);
+        let c = compile(&Inputs {
+            policies: &[],
+            pods: &pods,
+            node: "n1",
+            root_namespace: ROOT,
+            trust_domain: TD,
+            netns_cookies: &cookies,
+            mesh: &mesh,
+        })
+        .unwrap();
+        // No AuthorizationPolicy, but the mesh needs the hooks.
+        assert!(c.enabled);
+        assert_eq!(
+            slot_of(&c, "10.0.1.1").mesh,
+            MESH_ENROLLED | MESH_STRICT | MESH_PORT_MODES
+        );
+        assert_eq!(slot_of(&c, "10.0.1.2").mesh, MESH_ENROLLED | MESH_STRICT);
+        assert_eq!(slot_of(&c, "10.0.1.3").mesh, 0, "not enrolled");
+        assert_eq!(slot_of(&c, "10.0.2.1").mesh, MESH_ENROLLED, "PERMISSIVE");
+        assert_eq!(slot_of(&c, "10.0.2.2").mesh, 0, "opted out");
+        let web = Prefix::host("10.0.1.1".parse().unwrap()).addr;
+        assert_eq!(
+            c.mtls_ports,
+            BTreeMap::from([
+                ((web, 8081), MTLS_PORT_PERMISSIVE),
+                ((web, 9090), MTLS_PORT_DISABLE),
+            ])
+        );
+        // The proxy's address is the node proxy, whatever else claims it.
+        let proxy = slot_of(&c, "169.254.7.1");
+        assert_eq!(proxy.identity, identity::NODE_PROXY);
+        assert_eq!(proxy.mesh, 0);
+        assert_eq!(c.local_eps[&11].flags, LOCAL_ENROLLED);
+        assert_eq!(c.local_eps[&12].flags, 0);
+        assert_eq!(c.enrolled["a/web"].mode, MtlsMode::Strict);
+        assert_eq!(c.enrolled.len(), 3);
+    }
+
+    #[test]
+    fn nothing_enrolled_and_no_policy_leaves_the_hooks_off() {
+        let pods = vec![pod("a", "web", "web", "web", "10.0.1.1", "n1")];
+        let mesh = MeshInputs {
+            proxy_addrs: vec!["169.254.7.1".parse().unwrap()],
+            ..Default::default()
+        };
+        let c = compile(&Inputs {
+            policies: &[],
+            pods: &pods,
+            node: "n1",
+            root_namespace: ROOT,
+            trust_domain: TD,
+            netns_cookies: &BTreeMap::new(),
+            mesh: &mesh,
+        })
+        .unwrap();
+        assert!(!c.enabled);
+        assert!(c.mtls_ports.is_empty() && c.enrolled.is_empty());
+    }
 }

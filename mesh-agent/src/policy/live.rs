@@ -8,15 +8,15 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
-use mesh_common::policy::{DIR_EGRESS, PolicyEvent, VERDICT_DENY, VERDICT_FLAG_AUDIT, identity};
+use mesh_common::policy::{
+    DIR_EGRESS, PolicyEvent, VERDICT_DENY, VERDICT_FLAG_AUDIT, VERDICT_FLAG_STRICT, identity,
+};
 use serde::Serialize;
 
 use super::compile::{self, Compiled, Inputs, MeshInputs};
 use super::eval::{self, Evaluator, Identity, Protocol, Request, RuleStatus};
 use super::{AuthorizationPolicy, validate};
-use crate::ebpf::policy::{
-    EventLimits, PolicyChanges, PolicyCounters, PolicyMaps, ProxyRedirect,
-};
+use crate::ebpf::policy::{EventLimits, PolicyChanges, PolicyCounters, PolicyMaps, ProxyRedirect};
 use crate::ebpf::reconcile::{bytes_addr, proto_name};
 use crate::k8s::Pod;
 use crate::source::SourceError;
@@ -84,6 +84,8 @@ pub struct Flow {
     pub side: &'static str,
     pub verdict: &'static str,
     pub audit: bool,
+    /// Refused by STRICT mTLS (plaintext to a port only the node proxy may reach), not by a policy.
+    pub strict: bool,
     pub proto: &'static str,
     /// `ip:port`; at egress the source port is not chosen yet (0) and the address is the local pod's.
     pub src: String,
@@ -124,6 +126,8 @@ pub struct PolicyStatus {
     pub identities: Vec<IdentityView>,
     pub kernel: KernelView,
     pub counters: PolicyCounters,
+    /// Enrolled pods (`namespace/name`) and the mTLS mode of their TCP ports, as in force.
+    pub mesh: BTreeMap<String, compile::Enrolled>,
 }
 
 #[derive(Debug, Serialize)]
@@ -309,11 +313,9 @@ impl PolicyPlane {
         // The same inputs compile to the same tables: skip the work (a 30 s resync of 1,000 policies would
         // otherwise cost about half a second of CPU each time).
         if let Some(f) = &self.in_force
-            && f.inputs
-                .as_ref()
-                .is_some_and(|(p, q, c, m)| {
-                    *p == policies && q.as_slice() == pods && *c == cookies && *m == mesh
-                })
+            && f.inputs.as_ref().is_some_and(|(p, q, c, m)| {
+                *p == policies && q.as_slice() == pods && *c == cookies && *m == mesh
+            })
         {
             let changes =
                 self.maps
@@ -325,7 +327,12 @@ impl PolicyPlane {
                 too_large: f.too_large.clone(),
             });
         }
-        let inputs = (policies.clone(), pods.to_vec(), cookies.clone(), mesh.clone());
+        let inputs = (
+            policies.clone(),
+            pods.to_vec(),
+            cookies.clone(),
+            mesh.clone(),
+        );
         let settings = self.settings.clone();
         let compile_set = |set: &[AuthorizationPolicy]| {
             compile::compile(&Inputs {
@@ -387,9 +394,12 @@ impl PolicyPlane {
             .in_force
             .as_ref()
             .is_some_and(|f| f.compiled == compiled);
-        let changes = self
-            .maps
-            .apply(&compiled, self.settings.limits, self.settings.proxy, unchanged)?;
+        let changes = self.maps.apply(
+            &compiled,
+            self.settings.limits,
+            self.settings.proxy,
+            unchanged,
+        )?;
         if !unchanged {
             self.revision += 1;
         }
@@ -444,6 +454,7 @@ impl PolicyPlane {
             .collect();
         policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         PolicyStatus {
+            mesh: f.compiled.enrolled.clone(),
             revision: self.revision,
             epoch: st.epoch,
             generation: st.generation,
@@ -542,7 +553,27 @@ impl PolicyPlane {
         } else {
             bytes_addr(&ev.src_addr)
         };
+        let strict = ev.flags & VERDICT_FLAG_STRICT != 0;
         let (policy, rule, reason) = match (&self.in_force, &dst_pod) {
+            // Not an AuthorizationPolicy verdict: the port takes only the node proxy.
+            (Some(f), Some(dst)) if strict => {
+                let key = dst.metadata.key();
+                let mode = f
+                    .compiled
+                    .enrolled
+                    .get(&key)
+                    .map(|e| e.ports.get(&ev.dst_port).copied().unwrap_or(e.mode));
+                (
+                    None,
+                    None,
+                    format!(
+                        "STRICT mTLS: port {} of {key} takes only the node proxy ({}), and this connection did \
+                         not come through it",
+                        ev.dst_port,
+                        mode.map_or("mode not known any more".into(), |m| format!("mode {m}"))
+                    ),
+                )
+            }
             (Some(f), Some(dst)) => {
                 let source = if ev.src_identity >= identity::FIRST_WORKLOAD {
                     src_name
@@ -592,6 +623,7 @@ impl PolicyPlane {
                 "allow"
             },
             audit: ev.flags & VERDICT_FLAG_AUDIT != 0,
+            strict,
             proto: proto_name(ev.proto),
             // At egress the source port is not chosen yet: the kernel reports 0.
             src: SocketAddr::new(src_ip, ev.src_port).to_string(),

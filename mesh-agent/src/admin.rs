@@ -28,6 +28,8 @@ pub struct AdminState {
     pub metrics: Metrics,
     pub datapath: Arc<Mutex<Datapath>>,
     pub policy: Arc<Mutex<PolicyPlane>>,
+    /// The certificate manager, when the node proxy runs.
+    pub certs: Option<Arc<crate::identity::CertManager>>,
 }
 
 /// Binds the listener now (so a port clash fails start-up clearly) and serves it in the background.
@@ -139,6 +141,14 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
             text(StatusCode::OK, "application/json", body)
         }
+        "/debug/certs" => match &state.certs {
+            Some(c) => json(StatusCode::OK, &c.certificates()),
+            None => text(
+                StatusCode::NOT_FOUND,
+                PLAIN,
+                "the node proxy is off (--proxy=false): no certificates\n",
+            ),
+        },
         "/debug/policies" => {
             let status = state
                 .policy

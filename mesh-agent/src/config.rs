@@ -2,8 +2,9 @@
 //! validated in one place. Every error names the field it is about.
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use clap::Args;
@@ -26,6 +27,36 @@ pub struct Config {
     pub trust_domain: String,
     /// Denial events each CPU may report per second; the rest are counted as dropped.
     pub policy_events_per_sec: u32,
+    /// The node proxy (issue 4); `None`: off (nothing is redirected, STRICT ports take no one).
+    pub proxy: Option<ProxySettings>,
+    /// Where the CA is loaded from (`ca.crt`, `ca.key`). `None`: generated into (or reloaded from) `state-dir`.
+    pub ca_dir: Option<PathBuf>,
+    /// The agent's own files (a generated CA).
+    pub state_dir: PathBuf,
+    /// Lifetime of the workload certificates (renewed at half-life).
+    pub svid_lifetime: Duration,
+}
+
+/// The node proxy's settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ProxySettings {
+    /// The proxy's link-local address: the redirect target, and the source of its connections to local
+    /// workloads (the kernel knows it as the node proxy).
+    pub addr: Ipv4Addr,
+    /// The same for IPv6; `None`: IPv6 connections are not redirected.
+    pub addr6: Option<Ipv6Addr>,
+    pub outbound_port: u16,
+    /// The HBONE tunnel port on every node.
+    pub inbound_port: u16,
+    pub max_connections: usize,
+    pub max_streams: u32,
+    pub drain_timeout: Duration,
+    /// The proxy's own service account (in the mesh root namespace): its SPIFFE ID is what tunnel clients expect.
+    pub service_account: String,
+    /// The network namespace the proxy listens in (its address goes on that namespace's `lo`); `None`: the
+    /// agent's own (a hostNetwork DaemonSet: the node's). Several simulated nodes on one machine use this.
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -40,6 +71,15 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/sinew";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15020";
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_POLICY_EVENTS_PER_SEC: u32 = 200;
+pub const DEFAULT_PROXY_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 1);
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+pub const DEFAULT_INBOUND_PORT: u16 = 15008;
+pub const DEFAULT_PROXY_MAX_CONNECTIONS: usize = 16384;
+pub const DEFAULT_PROXY_MAX_STREAMS: u32 = 100;
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sinew";
+pub const DEFAULT_SVID_LIFETIME: &str = "24h";
+pub const DEFAULT_PROXY_SERVICE_ACCOUNT: &str = "sinew-agent";
 
 /// Flags of `mesh-agent run`. Every one is optional here so that the config file can supply it.
 #[derive(Args, Debug, Default, Clone)]
@@ -74,6 +114,45 @@ pub struct RunArgs {
     /// Policy denial events each CPU may report per second; more are counted, not reported (default 200).
     #[arg(long, value_name = "N")]
     pub policy_events_per_sec: Option<u32>,
+    /// Run the node proxy and redirect enrolled workloads' connections to it (default true).
+    #[arg(long, value_name = "BOOL")]
+    pub proxy: Option<bool>,
+    /// The proxy's link-local IPv4 address, added to `lo` (default 169.254.7.1).
+    #[arg(long, value_name = "IP")]
+    pub proxy_addr: Option<Ipv4Addr>,
+    /// The proxy's IPv6 address, added to `lo`; without it IPv6 connections are not redirected.
+    #[arg(long, value_name = "IP")]
+    pub proxy_addr6: Option<Ipv6Addr>,
+    /// Port redirected connections go to (default 15001).
+    #[arg(long, value_name = "PORT")]
+    pub proxy_outbound_port: Option<u16>,
+    /// HBONE tunnel port, the same on every node (default 15008).
+    #[arg(long, value_name = "PORT")]
+    pub proxy_inbound_port: Option<u16>,
+    /// Connections the proxy handles at once; more are refused and counted (default 16384).
+    #[arg(long, value_name = "N")]
+    pub proxy_max_connections: Option<usize>,
+    /// Streams per tunnel connection (default 100); the pool opens another connection beyond.
+    #[arg(long, value_name = "N")]
+    pub proxy_max_streams: Option<u32>,
+    /// On SIGTERM, how long open connections may finish (default 10s).
+    #[arg(long, value_name = "DURATION")]
+    pub proxy_drain_timeout: Option<String>,
+    /// The proxy's service account in the mesh root namespace (default sinew-agent).
+    #[arg(long, value_name = "NAME")]
+    pub proxy_service_account: Option<String>,
+    /// Network namespace (a path such as /var/run/netns/node1) the proxy runs in. Default: the agent's own.
+    #[arg(long, value_name = "PATH")]
+    pub proxy_netns: Option<PathBuf>,
+    /// Directory with the CA (`ca.crt`, `ca.key`). Default: generate one into --state-dir.
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// The agent's state directory (default /var/lib/sinew).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Workload certificate lifetime, e.g. 24h, 90m (default 24h; renewed at half-life).
+    #[arg(long, value_name = "DURATION")]
+    pub svid_lifetime: Option<String>,
 }
 
 /// The config file: the same keys as the flags. Unknown keys are errors, so a typo never goes unnoticed.
@@ -89,6 +168,19 @@ struct FileConfig {
     mesh_root_namespace: Option<String>,
     trust_domain: Option<String>,
     policy_events_per_sec: Option<u32>,
+    proxy: Option<bool>,
+    proxy_addr: Option<Ipv4Addr>,
+    proxy_addr6: Option<Ipv6Addr>,
+    proxy_outbound_port: Option<u16>,
+    proxy_inbound_port: Option<u16>,
+    proxy_max_connections: Option<usize>,
+    proxy_max_streams: Option<u32>,
+    proxy_drain_timeout: Option<String>,
+    proxy_service_account: Option<String>,
+    proxy_netns: Option<PathBuf>,
+    ca_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    svid_lifetime: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +307,102 @@ impl RunArgs {
                 format!("{policy_events_per_sec} is more than 1000000"),
             ));
         }
+        let duration = |field: &'static str, v: Option<String>, default: &str| {
+            let v = v.unwrap_or_else(|| default.to_string());
+            crate::identity::manager::parse_duration(&v).map_err(|e| invalid(field, e))
+        };
+        let svid_lifetime = duration(
+            "svid-lifetime",
+            self.svid_lifetime.clone().or(file.svid_lifetime),
+            DEFAULT_SVID_LIFETIME,
+        )?;
+        if svid_lifetime < Duration::from_secs(10) {
+            return Err(invalid("svid-lifetime", "must be at least 10s"));
+        }
+        let proxy = if self.proxy.or(file.proxy).unwrap_or(true) {
+            let outbound_port = self
+                .proxy_outbound_port
+                .or(file.proxy_outbound_port)
+                .unwrap_or(DEFAULT_OUTBOUND_PORT);
+            let inbound_port = self
+                .proxy_inbound_port
+                .or(file.proxy_inbound_port)
+                .unwrap_or(DEFAULT_INBOUND_PORT);
+            for (field, port) in [
+                ("proxy-outbound-port", outbound_port),
+                ("proxy-inbound-port", inbound_port),
+            ] {
+                if port == 0 {
+                    return Err(invalid(field, "must be a port number, not 0"));
+                }
+            }
+            if outbound_port == inbound_port {
+                return Err(invalid(
+                    "proxy-inbound-port",
+                    format!("{inbound_port} is also the outbound port"),
+                ));
+            }
+            let max_connections = self
+                .proxy_max_connections
+                .or(file.proxy_max_connections)
+                .unwrap_or(DEFAULT_PROXY_MAX_CONNECTIONS);
+            if max_connections == 0 {
+                return Err(invalid("proxy-max-connections", "must be at least 1"));
+            }
+            let max_streams = self
+                .proxy_max_streams
+                .or(file.proxy_max_streams)
+                .unwrap_or(DEFAULT_PROXY_MAX_STREAMS);
+            if max_streams == 0 {
+                return Err(invalid("proxy-max-streams", "must be at least 1"));
+            }
+            let service_account = self
+                .proxy_service_account
+                .clone()
+                .or(file.proxy_service_account)
+                .unwrap_or_else(|| DEFAULT_PROXY_SERVICE_ACCOUNT.into());
+            crate::identity::spiffe::validate_service_account(&service_account)
+                .map_err(|e| invalid("proxy-service-account", e.to_string()))?;
+            let addr = self
+                .proxy_addr
+                .or(file.proxy_addr)
+                .unwrap_or(DEFAULT_PROXY_ADDR);
+            if addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() {
+                return Err(invalid(
+                    "proxy-addr",
+                    format!("{addr} is not a unicast address"),
+                ));
+            }
+            Some(ProxySettings {
+                addr,
+                addr6: self.proxy_addr6.or(file.proxy_addr6),
+                outbound_port,
+                inbound_port,
+                max_connections,
+                max_streams,
+                drain_timeout: duration(
+                    "proxy-drain-timeout",
+                    self.proxy_drain_timeout
+                        .clone()
+                        .or(file.proxy_drain_timeout),
+                    DEFAULT_DRAIN_TIMEOUT,
+                )?,
+                service_account,
+                netns: self.proxy_netns.clone().or(file.proxy_netns),
+            })
+        } else {
+            None
+        };
+        let state_dir = self
+            .state_dir
+            .clone()
+            .or(file.state_dir)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
         Ok(Config {
+            proxy,
+            ca_dir: self.ca_dir.clone().or(file.ca_dir),
+            state_dir,
+            svid_lifetime,
             mesh_root_namespace,
             trust_domain,
             policy_events_per_sec,

@@ -7,7 +7,8 @@
 //! is seen. A pod label with such a value still wins over the namespace's (it is the pod's explicit say, just
 //! misspelled), so a typo never enrolls a workload its owner meant to take out.
 //!
-//! Groundwork only: nothing reads this yet. See `docs/peer-authentication.md`.
+//! The policy compiler marks enrolled workloads in the kernel tables (their connections to each other are redirected
+//! to the node proxy), and the proxy's view uses it to know which destinations it may carry. See `docs/mesh.md`.
 
 use std::collections::BTreeMap;
 

@@ -15,6 +15,7 @@ pub mod events;
 pub mod identity;
 pub mod k8s;
 mod lenient;
+pub mod mesh;
 pub mod metrics;
 pub mod peerauth;
 pub mod policy;

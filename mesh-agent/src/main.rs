@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent: attach the programs and keep the maps in sync with the source.
-    Run(config::RunArgs),
+    Run(Box<config::RunArgs>),
     /// Show programs, links and maps (with entry counts) of an install.
     Status {
         #[command(flatten)]

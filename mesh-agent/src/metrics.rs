@@ -15,7 +15,9 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{datapath::Datapath, policy::live::PolicyPlane};
+use crate::{
+    datapath::Datapath, identity::CertManager, policy::live::PolicyPlane, proxy::ProxyMetrics,
+};
 
 /// Labels of `sinew_policy_denials_total`: one series per direction, protocol and identity pair.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -75,12 +77,20 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// `mesh`: the node proxy's metrics (Istio's names, so registered without the `sinew` prefix) and the
+    /// certificate manager, when the proxy runs.
     pub fn new(
         node: &str,
         datapath: Arc<Mutex<Datapath>>,
         policy: Arc<Mutex<PolicyPlane>>,
+        mesh: Option<(&ProxyMetrics, Arc<CertManager>)>,
     ) -> Self {
-        let mut registry = Registry::with_prefix("sinew");
+        let mut root = Registry::default();
+        if let Some((proxy, certs)) = mesh {
+            proxy.register(&mut root);
+            root.register_collector(Box::new(CertCollector { certs }));
+        }
+        let registry = root.sub_registry_with_prefix("sinew");
         let info = Info::new(vec![
             ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
             ("node".to_string(), node.to_string()),
@@ -129,7 +139,7 @@ impl Metrics {
         );
         registry.register_collector(Box::new(PolicyKernelCounters { policy }));
         Self {
-            registry,
+            registry: root,
             reconcile,
             source_errors,
             rejected,
@@ -272,6 +282,26 @@ impl Collector for PolicyKernelCounters {
                 "UDP sends let through the client-side check as answers to an accepted datagram",
                 c.udp_replies,
             ),
+            (
+                "mtls_strict_denied",
+                "Plaintext TCP connections refused because the port is STRICT (client side: EACCES; server side: SYN dropped)",
+                c.strict_denied,
+            ),
+            (
+                "proxy_redirected",
+                "Connections the kernel redirected to the node proxy at connect()",
+                c.proxy_redirected,
+            ),
+            (
+                "proxy_kernel_ingress",
+                "Connections from the node proxy to enrolled workloads, passed by the kernel without a policy lookup",
+                c.proxy_ingress,
+            ),
+            (
+                "proxy_kernel_refused",
+                "Workload connects to the node proxy's own address, refused by the kernel",
+                c.proxy_refused,
+            ),
         ] {
             let family = encoder.encode_descriptor(
                 name,
@@ -295,5 +325,73 @@ mod tests {
             label_value("spec.clusterIP: \"10.96.0.999\" is\nnot \\ an IP"),
             "spec.clusterIP: '10.96.0.999' is not / an IP"
         );
+    }
+}
+
+/// The certificate manager's counters and each certificate's expiry, read at scrape time.
+struct CertCollector {
+    certs: Arc<CertManager>,
+}
+
+impl std::fmt::Debug for CertCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    role: String,
+    spiffe_id: String,
+}
+
+impl Collector for CertCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.certs.counters().get();
+        for (name, help, v) in [
+            (
+                "sinew_svid_issued",
+                "SVIDs issued for an identity not held before",
+                c.issued,
+            ),
+            (
+                "sinew_svid_renewed",
+                "SVIDs replaced by renewal at half-life",
+                c.renewed,
+            ),
+            (
+                "sinew_svid_renewal_failures",
+                "Renewals that failed (the old SVID stays)",
+                c.renewal_failures,
+            ),
+            (
+                "sinew_svid_issuance_failures",
+                "First issuances that failed",
+                c.issuance_failures,
+            ),
+        ] {
+            let family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            ConstCounter::new(v).encode(family)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "sinew_certificate_expires_in_seconds",
+            "Seconds until each held certificate (CA, proxy, workload SVIDs) expires",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for cert in self.certs.certificates() {
+            let labels = CertLabels {
+                role: format!("{:?}", cert.role).to_lowercase(),
+                spiffe_id: label_value(&cert.spiffe_id),
+            };
+            prometheus_client::metrics::gauge::ConstGauge::new(cert.expires_in_secs)
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }

@@ -1,9 +1,9 @@
 //! `PeerAuthentication` (`security.sinew.dev/v1alpha1`): Istio's API for the mTLS mode a workload accepts, and a
 //! pure function that resolves the effective mode of one workload port (issue 4).
 //!
-//! Groundwork only: nothing in the kernel or the proxy reads these yet. The file source accepts the objects
-//! (validated, per-object last-good) and puts them in [`Snapshot::peer_authentications`]; the datapath will use
-//! [`effective_mode`] once the node proxy exists. See `docs/peer-authentication.md`.
+//! The file source accepts the objects (validated, per-object last-good) and puts them in
+//! [`Snapshot::peer_authentications`]; the policy compiler turns [`workload_modes`] into the kernel's mTLS tables
+//! (STRICT enforced in the kernel). See `docs/peer-authentication.md` and `docs/mesh.md`.
 //!
 //! The types read the YAML users write for Istio: `selector.matchLabels`, `mtls.mode` (`STRICT`, `PERMISSIVE`,
 //! `DISABLE`, `UNSET`; absent is `UNSET`), `portLevelMtls` keyed by port (strings or numbers). As with
@@ -437,6 +437,36 @@ pub fn effective_mode(
     }
     resolved.reason = with_unset(resolved.reason, &unset);
     resolved
+}
+
+/// The mode of every TCP port of a workload: the mode of ports without a `portLevelMtls` entry, and the ports
+/// whose [`effective_mode`] differs from it. This is what the kernel tables hold.
+pub fn workload_modes(
+    policies: &[PeerAuthentication],
+    root_namespace: &str,
+    pod_namespace: &str,
+    pod_labels: &BTreeMap<String, String>,
+) -> (MtlsMode, BTreeMap<u16, MtlsMode>) {
+    // Only a workload policy (selector, pod's namespace) has port entries that apply; collect every port any of
+    // them names, then ask the reference for each.
+    let named: BTreeSet<u16> = policies
+        .iter()
+        .filter(|pa| level(pa, root_namespace, pod_namespace, pod_labels) == Some(Level::Workload))
+        .flat_map(|pa| pa.spec.port_level_mtls.keys())
+        .filter_map(|k| parse_port(k).ok())
+        .collect();
+    let other = (1..=u16::MAX)
+        .find(|p| !named.contains(p))
+        .unwrap_or(u16::MAX);
+    let mode_of =
+        |port: u16| effective_mode(policies, root_namespace, pod_namespace, pod_labels, port).mode;
+    let default = mode_of(other);
+    let ports = named
+        .into_iter()
+        .map(|p| (p, mode_of(p)))
+        .filter(|(_, m)| *m != default)
+        .collect();
+    (default, ports)
 }
 
 /// Applies one level's mode: a decided mode replaces `resolved`, `UNSET` is noted.

@@ -76,6 +76,24 @@ pub fn policy_status(v: &Value) -> String {
         c["denied_ingress"],
         c["events_dropped"]
     );
+    if let Some(mesh) = v["mesh"].as_object().filter(|m| !m.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nmesh: {} enrolled pod(s); {} redirected to the node proxy, {} from it, {} plaintext refused by STRICT",
+            mesh.len(),
+            c["proxy_redirected"],
+            c["proxy_ingress"],
+            c["strict_denied"]
+        );
+        for (pod, e) in mesh {
+            let ports = e["ports"].as_object().map_or(String::new(), |p| {
+                p.iter()
+                    .map(|(port, m)| format!(", port {port} {}", s(m)))
+                    .collect()
+            });
+            let _ = writeln!(out, "  {pod}: {}{ports}", s(&e["mode"]));
+        }
+    }
     out
 }
 

@@ -19,10 +19,11 @@ use crate::{
     datapath::Datapath,
     ebpf::{
         self, Layout, Maps,
-        policy::{EventLimits, PolicyMaps},
+        policy::{EventLimits, PolicyMaps, ProxyRedirect},
         reconcile::Reconciler,
     },
     events,
+    mesh::MeshRuntime,
     metrics::{Metrics, RejectedLabels, ResultLabel, label_value},
     policy::live::{Applied, PolicyPlane, PolicySettings},
     source::{
@@ -70,6 +71,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => return Ok(()),
         }
     };
+    // Where the kernel sends enrolled connections: fixed for this agent's life.
+    let redirect = cfg
+        .proxy
+        .as_ref()
+        .map_or(ProxyRedirect::default(), |p| ProxyRedirect {
+            port: p.outbound_port,
+            addr4: Some(p.addr),
+            addr6: p.addr6,
+        });
     let (report, (datapath, plane)) = ebpf::install(&layout, &cfg.cgroup_root, || {
         let datapath = Arc::new(Mutex::new(Datapath::new(Reconciler::new(Maps::open(
             &layout,
@@ -85,6 +95,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     // A short burst is reported in full; a flood is sampled at the rate.
                     burst: cfg.policy_events_per_sec.clamp(1, 1000),
                 },
+                proxy: redirect,
             },
         )));
         presync(&cfg, &datapath, &plane);
@@ -96,11 +107,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         adopted_maps = report.adopted_maps,
         "datapath installed"
     );
+    // The node proxy starts after the programs are in: until it listens, a redirected connect is refused at
+    // once (nothing listens on the proxy address), never sent elsewhere in plaintext.
+    let mesh = match &cfg.proxy {
+        Some(settings) => {
+            let m = MeshRuntime::start(&cfg, settings, &layout)?;
+            info!(
+                outbound = %format!("{}:{}", settings.addr, settings.outbound_port),
+                inbound_port = settings.inbound_port,
+                proxy_identity = %m.certs.proxy_identity().uri(),
+                "node proxy listening"
+            );
+            tokio::spawn(MeshRuntime::renew_loop(m.certs.clone()));
+            Some(m)
+        }
+        None => None,
+    };
     let admin_state = Arc::new(AdminState {
         ready: false.into(),
-        metrics: Metrics::new(&cfg.node, datapath.clone(), plane.clone()),
+        metrics: Metrics::new(
+            &cfg.node,
+            datapath.clone(),
+            plane.clone(),
+            mesh.as_ref().map(|m| (&m.metrics, m.certs.clone())),
+        ),
         datapath: datapath.clone(),
         policy: plane.clone(),
+        certs: mesh.as_ref().map(|m| m.certs.clone()),
     });
     admin::serve(cfg.admin_addr, admin_state.clone()).await?;
     tokio::spawn(events::run(layout.clone(), admin_state.clone()));
@@ -130,6 +163,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .apply(desired);
             let policy_ok =
                 apply_policy(&admin_state, &snapshot, &errors, &mut last_policy_warnings);
+            if let Some(m) = &mesh {
+                let plane = plane.lock().unwrap_or_else(|e| e.into_inner());
+                m.update(&snapshot, &cfg.node, &cfg.mesh_root_namespace, &plane);
+            }
             let m = &admin_state.metrics;
             let result = match (result, policy_ok) {
                 (Ok(ch), true) => Ok(ch),
@@ -175,6 +212,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         }
     }
+    if let Some(m) = mesh {
+        info!("draining the node proxy");
+        let cut = tokio::task::spawn_blocking(move || m.drain())
+            .await
+            .unwrap_or(0);
+        info!(cut, "node proxy drained");
+    }
     info!(
         "exiting; programs stay attached and maps stay pinned (`mesh-agent uninstall` removes them)"
     );
@@ -197,6 +241,7 @@ fn presync(cfg: &Config, datapath: &Mutex<Datapath>, plane: &Mutex<PolicyPlane>)
     let result = plane.lock().unwrap_or_else(|e| e.into_inner()).apply(
         &snapshot.authorization_policies,
         &snapshot.pods,
+        &snapshot.mesh_inputs(),
         &errors,
     );
     if let Err(e) = result {
@@ -214,7 +259,12 @@ fn apply_policy(
     last_warnings: &mut Vec<String>,
 ) -> bool {
     let mut plane = admin.policy.lock().unwrap_or_else(|e| e.into_inner());
-    match plane.apply(&snapshot.authorization_policies, &snapshot.pods, errors) {
+    match plane.apply(
+        &snapshot.authorization_policies,
+        &snapshot.pods,
+        &snapshot.mesh_inputs(),
+        errors,
+    ) {
         Ok(Applied {
             changes,
             warnings,

@@ -5,7 +5,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd},
     path::Path,
 };
 
@@ -154,11 +154,7 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 ///
 /// A throwaway thread enters the namespace and asks a socket created there; the agent's own threads never move.
 pub fn netns_cookie(path: &Path) -> io::Result<u64> {
-    let ns = std::fs::File::open(path)?;
-    std::thread::spawn(move || -> io::Result<u64> {
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    in_netns(Some(path), || -> io::Result<u64> {
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
@@ -179,9 +175,27 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
             return Err(io::Error::last_os_error());
         }
         Ok(cookie)
+    })?
+}
+
+/// Runs `f` on a throwaway thread that first enters the network namespace at `path` (`None`: the agent's own), so
+/// the agent's other threads never move. Sockets `f` creates, and threads it spawns, belong to that namespace (a
+/// new thread inherits its creator's namespaces).
+pub fn in_netns<T: Send>(path: Option<&Path>, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let ns = path.map(std::fs::File::open).transpose()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> io::Result<T> {
+                if let Some(ns) = ns
+                    && unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| io::Error::other("netns thread panicked"))?
     })
-    .join()
-    .map_err(|_| io::Error::other("netns cookie thread panicked"))?
 }
 
 /// Reads a `T` from the start of `bytes` (a ring buffer record), if there are enough of them.
@@ -192,4 +206,56 @@ pub fn read_record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
     // SAFETY: `T: Pod` is plain data valid for any bit pattern, and the length was checked; the record may be
     // unaligned, hence read_unaligned.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Adds `addr` (a /32 or /128) to the loopback device of the current network namespace, unless it is there
+/// already. The node proxy's link-local address lives there: pods reach it through their default route, and the
+/// kernel drops packets from outside that claim it as their source (a local address arriving on another device is
+/// a martian), so no pod can impersonate the proxy.
+pub fn ensure_loopback_addr(addr: std::net::IpAddr) -> io::Result<()> {
+    const LOOPBACK_IFINDEX: u32 = 1;
+    let (family, bytes, prefix): (u8, Vec<u8>, u8) = match addr {
+        std::net::IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec(), 32),
+        std::net::IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec(), 128),
+    };
+    // nlmsghdr (16) + ifaddrmsg (8) + IFA_LOCAL and IFA_ADDRESS attributes (4 + len each, 4-aligned).
+    let attr_len = 4 + bytes.len();
+    let total = 16 + 8 + 2 * attr_len;
+    let mut msg = Vec::with_capacity(total);
+    msg.extend_from_slice(&(total as u32).to_ne_bytes());
+    msg.extend_from_slice(&libc::RTM_NEWADDR.to_ne_bytes());
+    let flags =
+        (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    msg.extend_from_slice(&[family, prefix, 0, libc::RT_SCOPE_HOST]);
+    msg.extend_from_slice(&LOOPBACK_IFINDEX.to_ne_bytes());
+    for kind in [libc::IFA_LOCAL, libc::IFA_ADDRESS] {
+        msg.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&bytes);
+    }
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let sent = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut reply = [0u8; 512];
+    let n = unsafe { libc::recv(fd.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The ack is an NLMSG_ERROR whose error field is 0 on success, or a negative errno.
+    if n as usize >= 20 && u16::from_ne_bytes([reply[4], reply[5]]) == libc::NLMSG_ERROR as u16 {
+        let err = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
+        if err != 0 && -err != libc::EEXIST {
+            return Err(io::Error::from_raw_os_error(-err));
+        }
+    }
+    Ok(())
 }

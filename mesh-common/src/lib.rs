@@ -13,7 +13,7 @@
 pub mod policy;
 
 /// Bumped by hand whenever the meaning (not only the size) of a map changes.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// `IPPROTO_TCP`.
 pub const PROTO_TCP: u8 = 6;
@@ -67,8 +67,15 @@ pub mod map_names {
     pub const POLICY_EVENTS: &str = "pol_events";
     /// [`crate::policy::UdpReplyKey`] -> [`crate::policy::UdpPeer`] (LRU).
     pub const UDP_REPLIES: &str = "udp_replies";
+    /// [`crate::policy::MtlsPortKey`] -> `u32` mode: ports of enrolled workloads with their own mTLS mode.
+    pub const MTLS_PORTS: &str = "mtls_ports";
+    /// socket cookie (`u64`) -> [`crate::policy::OrigDst`] (LRU): redirected connects not yet established.
+    pub const PROXY_PENDING: &str = "proxy_pending";
+    /// [`crate::policy::OrigKey`] -> [`crate::policy::OrigDst`] (LRU): redirected connections waiting for the
+    /// node proxy to accept them.
+    pub const PROXY_ORIG: &str = "proxy_orig";
     /// Every map, in the order the agent creates and pins them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 19] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -84,6 +91,9 @@ pub mod map_names {
         UDP_FLOWS,
         UDP_REPLIES,
         POLICY_EVENTS,
+        MTLS_PORTS,
+        PROXY_PENDING,
+        PROXY_ORIG,
         ABI,
     ];
 }
@@ -237,6 +247,11 @@ pub const ABI_HASH: u32 = {
         policy::MAX_UDP_REPLIES as usize,
         policy::EVENTS_RING_BYTES as usize,
         policy::counter::COUNT as usize,
+        core::mem::size_of::<policy::MtlsPortKey>(),
+        core::mem::size_of::<policy::OrigDst>(),
+        core::mem::size_of::<policy::OrigKey>(),
+        policy::MAX_MTLS_PORTS as usize,
+        policy::MAX_PROXY_CONNS as usize,
     ];
     // FNV-1a over the parts: const-evaluable and stable across builds.
     let mut h: u32 = 0x811c_9dc5;
@@ -333,5 +348,8 @@ mod user {
     unsafe impl aya::Pod for policy::RateLimit {}
     unsafe impl aya::Pod for policy::PolicyEvent {}
     unsafe impl aya::Pod for policy::UdpReplyKey {}
+    unsafe impl aya::Pod for policy::MtlsPortKey {}
+    unsafe impl aya::Pod for policy::OrigDst {}
+    unsafe impl aya::Pod for policy::OrigKey {}
     unsafe impl aya::Pod for policy::UdpPeer {}
 }

@@ -58,6 +58,9 @@ pub const VERDICT_ALLOW: u8 = 1;
 pub const VERDICT_DENY: u8 = 2;
 /// [`PolicyValue::flags`]: an AUDIT policy matched; report the connection.
 pub const VERDICT_FLAG_AUDIT: u8 = 1;
+/// [`PolicyEvent::flags`]: refused by STRICT mTLS (a plaintext connection to a port only the node proxy may
+/// reach), not by an `AuthorizationPolicy`.
+pub const VERDICT_FLAG_STRICT: u8 = 2;
 
 /// Key data of the `ipcache` LPM trie (behind the kernel's `u32` prefix length, which counts over all 128 bits:
 /// an IPv4 `/24` is stored as `::ffff:a.b.c.0/120`).
@@ -73,8 +76,10 @@ pub struct IpSlot {
     pub src_class: u32,
     /// Destination class of a connection to this address, with [`DST_DEFAULT_DENY`]; 0: no policy applies.
     pub dst_class: u32,
+    /// [`MESH_ENROLLED`], [`MESH_STRICT`], [`MESH_PORT_MODES`] (issue 4): how the node proxy is involved.
+    pub mesh: u32,
 }
-const _: () = assert!(core::mem::size_of::<IpSlot>() == 12);
+const _: () = assert!(core::mem::size_of::<IpSlot>() == 16);
 
 /// `ipcache` value: the address's identity and classes, per epoch.
 #[repr(C)]
@@ -82,7 +87,73 @@ const _: () = assert!(core::mem::size_of::<IpSlot>() == 12);
 pub struct IpInfo {
     pub slots: [IpSlot; 2],
 }
-const _: () = assert!(core::mem::size_of::<IpInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<IpInfo>() == 32);
+
+/// [`IpSlot::mesh`]: the address is an enrolled workload. An enrolled local client's TCP connection to it is
+/// redirected to the node proxy, which carries it (over mTLS between nodes).
+pub const MESH_ENROLLED: u32 = 1;
+/// [`IpSlot::mesh`]: the workload's `PeerAuthentication` mode is STRICT on every TCP port without an entry in
+/// `mtls_ports`: only the node proxy may connect.
+pub const MESH_STRICT: u32 = 2;
+/// [`IpSlot::mesh`]: some ports have their own mode (`portLevelMtls`): look the port up in `mtls_ports` first.
+pub const MESH_PORT_MODES: u32 = 4;
+/// [`IpSlot::mesh`]: the workload's mode is DISABLE on every TCP port without an entry in `mtls_ports`: no mTLS,
+/// so connections to it are not redirected to the proxy.
+pub const MESH_DISABLE: u32 = 8;
+
+/// `mtls_ports` key: a port of an enrolled workload with its own mTLS mode, per epoch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MtlsPortKey {
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    /// 0 or 1, see [`PolicyState::epoch`].
+    pub epoch: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<MtlsPortKey>() == 20);
+
+/// `mtls_ports` value, and the mode of a port as the kernel sees it: PERMISSIVE (proxy or plaintext).
+pub const MTLS_PORT_PERMISSIVE: u32 = 0;
+/// STRICT: only the node proxy may connect.
+pub const MTLS_PORT_STRICT: u32 = 1;
+/// DISABLE: plaintext; enrolled clients are not redirected to the proxy for this port.
+pub const MTLS_PORT_DISABLE: u32 = 2;
+/// Capacity of `mtls_ports` (both epochs).
+pub const MAX_MTLS_PORTS: u32 = 16384;
+
+/// The original destination of a connection redirected to the node proxy, and who made it: written by the
+/// connect hook (`proxy_pending`, by socket cookie), moved by sock_ops when the connection is established
+/// (`proxy_orig`, by the client's address and port as the proxy sees them). The proxy reads and deletes it.
+/// Everything in it comes from the kernel: the client cannot forge its identity or the destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+    /// The client's numeric identity.
+    pub identity: u32,
+    /// The client pod's netns cookie: the agent maps it back to the pod.
+    pub netns_cookie: u64,
+}
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
+
+/// `proxy_orig` key: the redirected client's address and port (as the proxy's accepted socket sees its peer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OrigKey {
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<OrigKey>() == 24);
+
+/// Capacity of `proxy_pending` and `proxy_orig` (LRU: an entry whose connection never completes ages out).
+pub const MAX_PROXY_CONNS: u32 = 65536;
 
 /// One epoch's view of a local pod, as a client.
 #[repr(C)]
@@ -93,9 +164,16 @@ pub struct LocalSlot {
     pub src_class4: u32,
     /// Source class when the pod connects over IPv6, or [`CLASS_SKIP`].
     pub src_class6: u32,
-    /// 1: a policy applies to the pod itself, so its UDP peers are recorded (their answers must get in).
-    pub policed: u32,
+    /// [`LOCAL_POLICED`], [`LOCAL_ENROLLED`].
+    pub flags: u32,
 }
+
+/// [`LocalSlot::flags`]: a policy applies to the pod itself, so its UDP peers are recorded (their answers must
+/// get in).
+pub const LOCAL_POLICED: u32 = 1;
+/// [`LocalSlot::flags`]: the pod is enrolled in the mesh: its TCP connections to enrolled workloads go through
+/// the node proxy.
+pub const LOCAL_ENROLLED: u32 = 2;
 const _: () = assert!(core::mem::size_of::<LocalSlot>() == 16);
 
 /// `local_eps` value, keyed by the pod's netns cookie (`u64`): who a local socket belongs to. The kernel tells
@@ -148,9 +226,14 @@ pub struct PolicyState {
     pub events_per_sec: u32,
     /// How many events a CPU may send at once after being quiet.
     pub events_burst: u32,
-    pub _pad: u32,
+    /// The node proxy's outbound port (host order); 0: no redirect (the proxy is off).
+    pub proxy_port: u32,
+    /// Where redirected IPv4 connections go (v4-mapped).
+    pub proxy_addr4: [u8; 16],
+    /// Where redirected IPv6 connections go; all zero: IPv6 is not redirected.
+    pub proxy_addr6: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<PolicyState>() == 24);
+const _: () = assert!(core::mem::size_of::<PolicyState>() == 56);
 
 /// `udp_flows` key: one UDP flow as it arrives at a local socket.
 #[repr(C)]
@@ -243,7 +326,17 @@ pub mod counter {
     pub const UDP_FLOW_HITS: u32 = 7;
     /// UDP datagrams let through as answers to a peer (`udp_replies`), either way.
     pub const UDP_REPLIES: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// TCP connections refused because the destination port is STRICT and the source is not the node proxy
+    /// (client side: EACCES; server side: SYN dropped). Also counted in the denied counters.
+    pub const STRICT_DENIED: u32 = 9;
+    /// Connections redirected to the node proxy at `connect()`.
+    pub const PROXY_REDIRECTED: u32 = 10;
+    /// First packets from the node proxy to an enrolled workload, passed without a policy lookup (the proxy
+    /// already applied policy with the authenticated identity).
+    pub const PROXY_INGRESS: u32 = 11;
+    /// Workload connects to the node proxy's own address, refused (loops, probing).
+    pub const PROXY_REFUSED: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// Per-CPU token bucket for events, `pol_ratelim[0]`.
@@ -284,7 +377,7 @@ pub struct PolicyEvent {
     pub direction: u8,
     /// [`VERDICT_ALLOW`] or [`VERDICT_DENY`].
     pub verdict: u8,
-    /// [`VERDICT_FLAG_AUDIT`].
+    /// [`VERDICT_FLAG_AUDIT`], [`VERDICT_FLAG_STRICT`].
     pub flags: u8,
 }
 const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 72);

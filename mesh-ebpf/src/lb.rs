@@ -9,13 +9,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    Backend, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, SlotKey, from_words,
-    is_v4_mapped, to_words, v4_mapped, v4_of,
+    Backend, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, SERVICE_ID_NONE, ServiceKey, SlotKey,
+    from_words, is_v4_mapped, policy::OrigDst, to_words, v4_mapped, v4_of,
 };
 
 use crate::{
-    maps::{BACKENDS, COUNTERS, REV_NAT, SERVICES, SLOTS},
-    policy,
+    maps::{BACKENDS, COUNTERS, PROXY_PENDING, REV_NAT, SERVICES, SLOTS},
+    policy::{self, Egress},
 };
 
 /// Returned to let the syscall go on (possibly with a rewritten address).
@@ -168,17 +168,19 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey, pick: Pick) -> Outcome {
     Outcome::To(unsafe { *b }, svc.id)
 }
 
+/// Records what the socket asked for (`key`: a VIP, or the destination itself when redirected) under the
+/// address it really goes to, so that `getpeername()`/`recvmsg()` show the former.
 fn remember(
     ctx: &SockAddrContext,
     key: &ServiceKey,
-    backend: &Backend,
+    target: &([u8; 16], u16),
     service_id: u32,
     pick: Pick,
 ) {
     let rk = RevNatKey {
         cookie: cookie(ctx),
-        addr: backend.addr,
-        port: backend.port,
+        addr: target.0,
+        port: target.1,
         _pad: [0; 6],
     };
     let rv = RevNatValue {
@@ -222,27 +224,11 @@ pub fn connect4(ctx: &SockAddrContext, pick: Pick) -> i32 {
         _pad: 0,
     };
     match balance(ctx, &key, pick) {
-        Outcome::Pass
-            if policy::egress_allowed(ctx, &key.addr, key.port, proto, pick.connects()) =>
-        {
-            ALLOW
-        }
-        Outcome::Pass => deny(),
+        Outcome::Pass => finish(ctx, &key, (key.addr, key.port), None, pick, true),
         Outcome::Refuse => refuse(),
-        Outcome::To(b, id) => {
-            // An IPv4 socket cannot reach an IPv6 backend; the agent never pairs them, so just leave it alone.
-            if !is_v4_mapped(&b.addr) {
-                return ALLOW;
-            }
-            // Policy sees the backend's target port, never the service port.
-            if !policy::egress_allowed(ctx, &b.addr, b.port, proto, pick.connects()) {
-                return deny();
-            }
-            remember(ctx, &key, &b, id, pick);
-            store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, v4_of(&b.addr));
-            set_user_port(ctx, b.port);
-            ALLOW
-        }
+        // An IPv4 socket cannot reach an IPv6 backend; the agent never pairs them, so just leave it alone.
+        Outcome::To(b, _) if !is_v4_mapped(&b.addr) => ALLOW,
+        Outcome::To(b, id) => finish(ctx, &key, (b.addr, b.port), Some(id), pick, true),
     }
 }
 
@@ -258,23 +244,66 @@ pub fn connect6(ctx: &SockAddrContext, pick: Pick) -> i32 {
         _pad: 0,
     };
     match balance(ctx, &key, pick) {
-        Outcome::Pass
-            if policy::egress_allowed(ctx, &key.addr, key.port, proto, pick.connects()) =>
-        {
+        Outcome::Pass => finish(ctx, &key, (key.addr, key.port), None, pick, false),
+        Outcome::Refuse => refuse(),
+        Outcome::To(b, id) => finish(ctx, &key, (b.addr, b.port), Some(id), pick, false),
+    }
+}
+
+/// After load balancing chose `target` (the destination itself when `service` is `None`): the policy check, then
+/// the rewrite to the backend or to the node proxy.
+#[inline(always)]
+fn finish(
+    ctx: &SockAddrContext,
+    key: &ServiceKey,
+    target: ([u8; 16], u16),
+    service: Option<u32>,
+    pick: Pick,
+    v4: bool,
+) -> i32 {
+    // Policy sees the backend's target port, never the service port.
+    match policy::egress(ctx, &target.0, target.1, key.proto, pick.connects()) {
+        Egress::Deny => deny(),
+        Egress::Allow => {
+            if let Some(id) = service {
+                remember(ctx, key, &target, id, pick);
+                rewrite(ctx, &target, v4);
+            }
             ALLOW
         }
-        Outcome::Pass => deny(),
-        Outcome::Refuse => refuse(),
-        Outcome::To(b, id) => {
-            if !policy::egress_allowed(ctx, &b.addr, b.port, proto, pick.connects()) {
+        Egress::Redirect {
+            proxy,
+            identity,
+            netns_cookie,
+        } => {
+            let orig = OrigDst {
+                addr: target.0,
+                port: target.1,
+                _pad: 0,
+                identity,
+                netns_cookie,
+            };
+            // sock_ops moves this to `proxy_orig` once the connection is established (the source port is not
+            // chosen yet), where the proxy finds it by the address it accepts from.
+            if PROXY_PENDING.insert(&cookie(ctx), &orig, 0).is_err() {
                 return deny();
             }
-            remember(ctx, &key, &b, id, pick);
-            set_user_ip6(ctx, &b.addr);
-            set_user_port(ctx, b.port);
+            // The application keeps seeing what it connected to (the VIP, or the pod), not the proxy.
+            remember(ctx, key, &proxy, service.unwrap_or(SERVICE_ID_NONE), pick);
+            rewrite(ctx, &proxy, v4);
             ALLOW
         }
     }
+}
+
+#[inline(always)]
+fn rewrite(ctx: &SockAddrContext, to: &([u8; 16], u16), v4: bool) {
+    if v4 {
+        store(unsafe { addr_of_mut!((*sa(ctx)).user_ip4) }, v4_of(&to.0));
+    } else {
+        set_user_ip6(ctx, &to.0);
+    }
+    set_user_port(ctx, to.1);
 }
 
 fn lookup_rev(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<RevNatValue> {

@@ -9,6 +9,10 @@
 //! backend, and a cgroup_skb ingress program judges the first packet of every connection at the destination.
 //! UDP peers are recorded at connect/sendmsg and at ingress, so answers pass both checks as conntrack would.
 //!
+//! Mesh (`redirect`, issue 4): the connect hook sends an enrolled pod's TCP connection to an enrolled workload to
+//! the node proxy instead, recording the original destination; `proxy_sockops` makes the record findable by the
+//! proxy. The ingress check lets the node proxy through and enforces STRICT mTLS.
+//!
 //! The entry points stay thin: each one parses its context and calls into [`lb`] or [`policy`].
 #![no_std]
 #![no_main]
@@ -16,10 +20,11 @@
 mod lb;
 mod maps;
 mod policy;
+mod redirect;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock_addr},
-    programs::{SkBuffContext, SockAddrContext},
+    macros::{cgroup_skb, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 
 /// sock_addr programs return 1 to let the syscall proceed.
@@ -74,6 +79,14 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub fn policy_ingress(ctx: SkBuffContext) -> i32 {
     policy::ingress(&ctx)
+}
+
+/// Redirect to the node proxy: moves a redirected connection's record to where the proxy finds it.
+#[sock_ops]
+pub fn proxy_sockops(ctx: SockOpsContext) -> u32 {
+    redirect::sock_ops(&ctx);
+    // sock_ops programs return 1 ("ok"); the value only matters for the callbacks that ask for a reply.
+    1
 }
 
 #[cfg(not(test))]

@@ -10,8 +10,9 @@ use mesh_common::{
     ServiceCounters, ServiceKey, ServiceValue, SlotKey, SlotValue,
     policy::{
         EVENTS_RING_BYTES, FlowKey, FlowValue, IpInfo, LocalEndpoint, MAX_IPCACHE, MAX_LOCAL_EPS,
-        MAX_POLICY, MAX_UDP_FLOWS, MAX_UDP_REPLIES, PolicyEvent, PolicyKey, PolicyState,
-        PolicyValue, RateLimit, UdpPeer, UdpReplyKey, counter,
+        MAX_MTLS_PORTS, MAX_POLICY, MAX_PROXY_CONNS, MAX_UDP_FLOWS, MAX_UDP_REPLIES, MtlsPortKey,
+        OrigDst, OrigKey, PolicyEvent, PolicyKey, PolicyState, PolicyValue, RateLimit, UdpPeer,
+        UdpReplyKey, counter,
     },
 };
 
@@ -73,3 +74,15 @@ pub static UDP_REPLIES: LruHashMap<UdpReplyKey, UdpPeer, { MAX_UDP_REPLIES as us
 
 #[btf_map(name = "pol_events")]
 pub static POLICY_EVENTS: RingBuf<PolicyEvent, { EVENTS_RING_BYTES as usize }> = RingBuf::new();
+
+#[btf_map(name = "mtls_ports")]
+pub static MTLS_PORTS: HashMap<MtlsPortKey, u32, { MAX_MTLS_PORTS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "proxy_pending")]
+pub static PROXY_PENDING: LruHashMap<u64, OrigDst, { MAX_PROXY_CONNS as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "proxy_orig")]
+pub static PROXY_ORIG: LruHashMap<OrigKey, OrigDst, { MAX_PROXY_CONNS as usize }> =
+    LruHashMap::new();

@@ -13,16 +13,18 @@ use mesh_common::{
     PROTO_TCP, PROTO_UDP, is_v4_mapped,
     policy::{
         CLASS_ID_MASK, CLASS_SKIP, DIR_EGRESS, DIR_INGRESS, DST_DEFAULT_DENY, FlowKey, FlowValue,
-        IpSlot, PolicyEvent, PolicyKey, PolicyState, PolicyValue, UDP_PEER_ACCEPTED,
-        UDP_PEER_CONNECTED, UDP_PEER_SENT, UDP_PEER_TIMEOUT_NS, UdpPeer, UdpReplyKey,
-        VERDICT_ALLOW, VERDICT_DENY, VERDICT_FLAG_AUDIT, counter, identity,
+        IpSlot, LOCAL_ENROLLED, LOCAL_POLICED, MESH_DISABLE, MESH_ENROLLED, MESH_PORT_MODES,
+        MESH_STRICT, MTLS_PORT_DISABLE, MTLS_PORT_PERMISSIVE, MTLS_PORT_STRICT, MtlsPortKey,
+        PolicyEvent, PolicyKey, PolicyState, PolicyValue, UDP_PEER_ACCEPTED, UDP_PEER_CONNECTED,
+        UDP_PEER_SENT, UDP_PEER_TIMEOUT_NS, UdpPeer, UdpReplyKey, VERDICT_ALLOW, VERDICT_DENY,
+        VERDICT_FLAG_AUDIT, VERDICT_FLAG_STRICT, counter, identity,
     },
     v4_mapped,
 };
 
 use crate::maps::{
-    IP_HOSTS, IPCACHE, LOCAL_EPS, POLICY, POLICY_COUNTERS, POLICY_EVENTS, POLICY_RATELIMIT,
-    POLICY_STATE, UDP_FLOWS, UDP_REPLIES,
+    IP_HOSTS, IPCACHE, LOCAL_EPS, MTLS_PORTS, POLICY, POLICY_COUNTERS, POLICY_EVENTS,
+    POLICY_RATELIMIT, POLICY_STATE, UDP_FLOWS, UDP_REPLIES,
 };
 
 /// cgroup_skb: let the packet through.
@@ -65,6 +67,7 @@ fn ip_slot(addr: &[u8; 16], epoch: u32) -> IpSlot {
             identity: identity::WORLD,
             src_class: 0,
             dst_class: 0,
+            mesh: 0,
         },
     }
 }
@@ -183,28 +186,43 @@ fn conclude(
     allowed
 }
 
-/// The client-side check, after load balancing chose `dst`:`port`. Returns false to refuse the connect.
+/// What the client-side check decided.
+pub enum Egress {
+    /// Refuse the connect with EACCES.
+    Deny,
+    /// Let it go where it was going.
+    Allow,
+    /// Send it to the node proxy: an enrolled pod's TCP connection to an enrolled workload.
+    Redirect {
+        /// The proxy's address for the destination's family, and its outbound port.
+        proxy: ([u8; 16], u16),
+        identity: u32,
+        netns_cookie: u64,
+    },
+}
+
+/// The client-side check, after load balancing chose `dst`:`port`.
 ///
 /// Only sockets of known local pods are checked here (by netns cookie, which the pod cannot choose); every
 /// other socket is left to the destination's ingress check.
 #[inline(always)]
-pub fn egress_allowed(
+pub fn egress(
     ctx: &SockAddrContext,
     dst: &[u8; 16],
     port: u16,
     proto: u8,
     connected: bool,
-) -> bool {
+) -> Egress {
     let Some(st) = state() else {
-        return true;
+        return Egress::Allow;
     };
     if st.enabled == 0 {
-        return true;
+        return Egress::Allow;
     }
     let epoch = st.epoch & 1;
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(ep) = LOCAL_EPS.get_ptr(&cookie) else {
-        return true;
+        return Egress::Allow;
     };
     let slot = unsafe {
         if epoch == 0 {
@@ -214,10 +232,16 @@ pub fn egress_allowed(
         }
     };
     let d = ip_slot(dst, epoch);
+    // Workloads never reach the node proxy's own address themselves: only the redirect below sends connections
+    // there, and only with a record the proxy trusts (no loops, no probing of its ports).
+    if d.identity == identity::NODE_PROXY {
+        bump(counter::PROXY_REFUSED);
+        return Egress::Deny;
+    }
     // UDP peers are recorded where policy is involved: a pod under policy needs the answers of its peers to get
     // past its own ingress check, and a peer under policy must not take this socket's later datagrams for answers
     // to an exchange it started.
-    if proto == PROTO_UDP && (slot.policed != 0 || d.dst_class & CLASS_ID_MASK != 0) {
+    if proto == PROTO_UDP && (slot.flags & LOCAL_POLICED != 0 || d.dst_class & CLASS_ID_MASK != 0) {
         sent_to(ctx, dst, port, connected);
     }
     let src_class = if is_v4_mapped(dst) {
@@ -225,35 +249,114 @@ pub fn egress_allowed(
     } else {
         slot.src_class6
     };
-    if src_class == CLASS_SKIP || d.dst_class & CLASS_ID_MASK == 0 {
-        return true;
+    if src_class != CLASS_SKIP && d.dst_class & CLASS_ID_MASK != 0 {
+        let verdict = decide(d.dst_class, src_class, port, epoch);
+        // A UDP socket answering a peer it accepted a datagram from is replying, not opening a flow: a server
+        // with no policy of its own must be able to answer a client that sits under default deny.
+        if verdict.verdict == VERDICT_DENY && proto == PROTO_UDP && is_reply(ctx, dst, port) {
+            bump(counter::UDP_REPLIES);
+            return Egress::Allow;
+        }
+        let j = Judged {
+            verdict,
+            src: IpSlot {
+                identity: slot.identity,
+                src_class,
+                dst_class: 0,
+                mesh: 0,
+            },
+            dst: d,
+        };
+        // The source address is not chosen yet at connect(): the event carries the pod's identity instead.
+        if !conclude(
+            &st,
+            &j,
+            DIR_EGRESS,
+            proto,
+            ([0; 16], 0),
+            (*dst, port),
+            cookie,
+        ) {
+            return Egress::Deny;
+        }
     }
-    let verdict = decide(d.dst_class, src_class, port, epoch);
-    // A UDP socket answering a peer it accepted a datagram from is replying, not opening a flow: a server with no
-    // policy of its own must be able to answer a client that sits under default deny.
-    if verdict.verdict == VERDICT_DENY && proto == PROTO_UDP && is_reply(ctx, dst, port) {
-        bump(counter::UDP_REPLIES);
-        return true;
+    if proto != PROTO_TCP || d.mesh & MESH_ENROLLED == 0 {
+        return Egress::Allow;
     }
-    let j = Judged {
-        verdict,
-        src: IpSlot {
-            identity: slot.identity,
-            src_class,
-            dst_class: 0,
-        },
-        dst: d,
+    let proxy_addr = if is_v4_mapped(dst) {
+        st.proxy_addr4
+    } else {
+        st.proxy_addr6
     };
-    // The source address is not chosen yet at connect(): the event carries the pod's identity instead.
-    conclude(
-        &st,
-        &j,
-        DIR_EGRESS,
-        proto,
-        ([0; 16], 0),
-        (*dst, port),
-        cookie,
-    )
+    let mode = port_mode(&d, dst, port, epoch);
+    if slot.flags & LOCAL_ENROLLED != 0
+        && connected
+        && st.proxy_port != 0
+        && proxy_addr != [0; 16]
+        && mode != MTLS_PORT_DISABLE
+    {
+        bump(counter::PROXY_REDIRECTED);
+        return Egress::Redirect {
+            proxy: (proxy_addr, st.proxy_port as u16),
+            identity: slot.identity,
+            netns_cookie: cookie,
+        };
+    }
+    if mode == MTLS_PORT_STRICT {
+        // Plaintext to a STRICT port would be dropped at the destination: refuse it now, before any SYN.
+        let j = Judged {
+            verdict: STRICT_VERDICT,
+            src: IpSlot {
+                identity: slot.identity,
+                src_class,
+                dst_class: 0,
+                mesh: 0,
+            },
+            dst: d,
+        };
+        bump(counter::STRICT_DENIED);
+        conclude(
+            &st,
+            &j,
+            DIR_EGRESS,
+            proto,
+            ([0; 16], 0),
+            (*dst, port),
+            cookie,
+        );
+        return Egress::Deny;
+    }
+    Egress::Allow
+}
+
+/// The verdict STRICT gives a connection that did not come through the node proxy.
+const STRICT_VERDICT: PolicyValue = PolicyValue {
+    verdict: VERDICT_DENY,
+    flags: VERDICT_FLAG_STRICT,
+    _pad: [0; 2],
+};
+
+/// The mTLS mode of `port` of the enrolled workload at `addr` (slot `d`): `MTLS_PORT_*`.
+#[inline(always)]
+fn port_mode(d: &IpSlot, addr: &[u8; 16], port: u16, epoch: u32) -> u32 {
+    if d.mesh & MESH_PORT_MODES != 0 {
+        let key = MtlsPortKey {
+            addr: *addr,
+            port,
+            epoch: epoch as u8,
+            _pad: 0,
+        };
+        if let Some(m) = MTLS_PORTS.get_ptr(&key) {
+            return unsafe { *m };
+        }
+    }
+    if d.mesh & MESH_STRICT != 0 {
+        MTLS_PORT_STRICT
+    } else if d.mesh & MESH_DISABLE != 0 {
+        MTLS_PORT_DISABLE
+    } else {
+        MTLS_PORT_PERMISSIVE
+    }
 }
 
 #[inline(always)]
@@ -474,6 +577,32 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     };
     let epoch = st.epoch & 1;
     let d = ip_slot(&p.daddr, epoch);
+    if p.proto == PROTO_TCP && d.mesh & MESH_ENROLLED != 0 {
+        let s = ip_slot(&p.saddr, epoch);
+        if s.identity == identity::NODE_PROXY {
+            // The node proxy already applied policy with the peer's authenticated identity.
+            bump(counter::PROXY_INGRESS);
+            return SKB_PASS;
+        }
+        if port_mode(&d, &p.daddr, p.dport, epoch) == MTLS_PORT_STRICT {
+            bump(counter::STRICT_DENIED);
+            let j = Judged {
+                verdict: STRICT_VERDICT,
+                src: s,
+                dst: d,
+            };
+            conclude(
+                &st,
+                &j,
+                DIR_INGRESS,
+                p.proto,
+                (p.saddr, p.sport),
+                (p.daddr, p.dport),
+                0,
+            );
+            return SKB_DROP;
+        }
+    }
     if d.dst_class & CLASS_ID_MASK == 0 {
         if proto == PROTO_UDP {
             accepted(ctx, &p, &ip_slot(&p.saddr, epoch), false);

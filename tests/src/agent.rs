@@ -216,6 +216,38 @@ pub struct AgentOptions {
     pub extra_args: Vec<String>,
 }
 
+impl AgentOptions {
+    /// The options for `node`'s agent: its cgroup and bpffs roots, admin on `127.0.0.1:<admin_port>` (a free port
+    /// if `None`), and its node proxy in the node's network namespace (the agent itself runs in the test's), with
+    /// its state (a generated CA) in the node's work directory.
+    pub fn for_node(
+        node: &Node,
+        source_dir: &Path,
+        admin_port: Option<u16>,
+    ) -> Result<AgentOptions> {
+        let port = match admin_port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let state_dir = node.work_dir().join(format!("state-{}", node.name()));
+        Ok(AgentOptions {
+            bin: agent_bin(),
+            node: node.name().to_string(),
+            source_dir: source_dir.to_path_buf(),
+            cgroup_root: node.cgroup_root().to_path_buf(),
+            bpffs_root: node.bpffs_root(),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            log_path: node.work_dir().join(format!("agent-{}.log", node.name())),
+            extra_args: vec![
+                "--proxy-netns".into(),
+                node.netns().path().display().to_string(),
+                "--state-dir".into(),
+                state_dir.display().to_string(),
+            ],
+        })
+    }
+}
+
 /// A running `mesh-agent run`. Stopped with SIGTERM on drop (programs stay attached, as in production; the node's
 /// bpffs guard uninstalls later). When dropped during a panic it prints the tail of its log.
 #[derive(Debug)]
@@ -229,20 +261,7 @@ impl Agent {
     /// Starts the agent for `node`, reading `source_dir`, with its admin server on `127.0.0.1:<admin_port>` (a free
     /// port if `None`). Does not wait for readiness: call [`Agent::wait_ready`].
     pub fn start(node: &Node, source_dir: &Path, admin_port: Option<u16>) -> Result<Agent> {
-        let port = match admin_port {
-            Some(p) => p,
-            None => free_port()?,
-        };
-        Agent::start_with(AgentOptions {
-            bin: agent_bin(),
-            node: node.name().to_string(),
-            source_dir: source_dir.to_path_buf(),
-            cgroup_root: node.cgroup_root().to_path_buf(),
-            bpffs_root: node.bpffs_root(),
-            admin_addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            log_path: node.work_dir().join(format!("agent-{}.log", node.name())),
-            extra_args: Vec::new(),
-        })
+        Agent::start_with(AgentOptions::for_node(node, source_dir, admin_port)?)
     }
 
     /// Starts an agent from explicit options.

@@ -690,16 +690,9 @@ impl PolicyFixture {
         let mut agents = Vec::new();
         for (node, _) in nodes {
             let node = topo.node(node);
-            agents.push(crate::Agent::start_with(crate::AgentOptions {
-                bin: crate::agent_bin(),
-                node: node.name().to_string(),
-                source_dir: source.path().to_path_buf(),
-                cgroup_root: node.cgroup_root().to_path_buf(),
-                bpffs_root: node.bpffs_root(),
-                admin_addr: std::net::SocketAddr::from(([127, 0, 0, 1], crate::free_port()?)),
-                log_path: node.work_dir().join(format!("agent-{}.log", node.name())),
-                extra_args: agent_args.clone(),
-            })?);
+            let mut opts = crate::AgentOptions::for_node(node, source.path(), None)?;
+            opts.extra_args.extend(agent_args.iter().cloned());
+            agents.push(crate::Agent::start_with(opts)?);
         }
         for a in &mut agents {
             a.wait_ready(std::time::Duration::from_secs(20))?;

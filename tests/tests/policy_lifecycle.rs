@@ -43,6 +43,8 @@ fn pods() -> Vec<PodSpec> {
         PodSpec::new("web", "prod", "web", &[("app", "web")]),
         PodSpec::new("api", "prod", "api", &[("app", "api")]),
         PodSpec::new("cli", "dev", "cli", &[("app", "cli")]),
+        // Denied by both policy sets: the pair that keeps trying during the restart.
+        PodSpec::new("bad", "dev", "bad", &[("app", "bad")]),
     ]
 }
 
@@ -95,7 +97,9 @@ fn policy_stays_enforced_through_kill_and_restart() {
     kernel_verdicts(&f, "changed while down", &before);
 
     // Restart while a denied pair keeps trying: it must never get through, not even during the restart.
-    let api = f.w("api").pod.clone();
+    // `bad` -> web: denied before and after. (api -> web flips to allowed, so it could pass as soon as the new
+    // agent's pre-attach sync has run, before its status answers: that would prove nothing.)
+    let bad = f.w("bad").pod.clone();
     let web_ip = f.w("web").pod.ip4;
     f.agents[0].restart().expect("restart");
     let t0 = Instant::now();
@@ -115,8 +119,8 @@ fn policy_stays_enforced_through_kill_and_restart() {
         if in_force || t0.elapsed() > Duration::from_secs(15) {
             break;
         }
-        // An unmanaged probe from api's netns is judged by web's ingress only (the server side).
-        let r = api
+        // An unmanaged probe from bad's netns is judged by web's ingress only (the server side).
+        let r = bad
             .probe_unmanaged(&[format!("tcp:{web_ip}:8080")], 300)
             .expect("probe");
         probes += 1;

@@ -27,6 +27,21 @@ pub struct Status {
     pub abi: Option<AbiStatus>,
     pub programs: Vec<ProgramStatus>,
     pub maps: Vec<MapStatus>,
+    /// The node proxy's certificates (CA, proxy, one per local enrolled service account), from the running agent's
+    /// `/debug/certs`; empty when the agent is down or its proxy is off.
+    pub certificates: Vec<CertStatus>,
+}
+
+/// One certificate as `/debug/certs` lists it.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct CertStatus {
+    pub role: String,
+    pub spiffe_id: String,
+    pub serial: String,
+    pub not_after: String,
+    #[serde(default)]
+    pub renew_at: Option<String>,
+    pub expires_in_secs: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -133,6 +148,14 @@ pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
                 mesh_common::policy::UdpReplyKey,
                 mesh_common::policy::UdpPeer,
             >(layout, name)?,
+            map_names::MTLS_PORTS => p.mtls_ports.keys().count(),
+            map_names::PROXY_PENDING => {
+                lru_entries::<u64, mesh_common::policy::OrigDst>(layout, name)?
+            }
+            map_names::PROXY_ORIG => lru_entries::<
+                mesh_common::policy::OrigKey,
+                mesh_common::policy::OrigDst,
+            >(layout, name)?,
             _ => return None,
         })
     };
@@ -160,12 +183,19 @@ pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
             }
         })
         .collect();
+    let agent = probe_ready(admin);
+    // Certificates live in the agent's memory, not in the pins: ask it (a down agent has none to show).
+    let certificates = crate::client::get(admin, "/debug/certs")
+        .ok()
+        .and_then(|body| serde_json::from_str(&body).ok())
+        .unwrap_or_default();
     Ok(Status {
         bpffs_root: layout.root.display().to_string(),
-        agent: probe_ready(admin),
+        agent,
         abi,
         programs,
         maps,
+        certificates,
     })
 }
 
@@ -209,6 +239,21 @@ impl Status {
                 opt(p.program_id),
                 p.link_pin
             );
+        }
+        if !self.certificates.is_empty() {
+            out += "\nCERTIFICATE  EXPIRES IN  NOT AFTER             RENEW AT              SPIFFE ID\n";
+            for c in &self.certificates {
+                out += &format!(
+                    "{:<12} {:<11} {:<21} {:<21} {}\n",
+                    c.role,
+                    crate::identity::manager::format_duration(std::time::Duration::from_secs(
+                        c.expires_in_secs.max(0) as u64
+                    )),
+                    c.not_after,
+                    c.renew_at.as_deref().unwrap_or("-"),
+                    c.spiffe_id
+                );
+            }
         }
         out += "\nMAP            KIND          ENTRIES  MAX      ID      PIN\n";
         for m in &self.maps {

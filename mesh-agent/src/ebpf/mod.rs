@@ -33,9 +33,9 @@ use crate::sys;
 /// The eBPF object built by build.rs from mesh-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
-/// Every program in the object: cgroup sock_addr programs (attach type from their section) and the cgroup_skb
-/// ingress policy program.
-pub const PROGRAMS: [&str; 9] = [
+/// Every program in the object: cgroup sock_addr programs (attach type from their section), the cgroup_skb
+/// ingress policy program, and the sock_ops program of the redirect to the node proxy.
+pub const PROGRAMS: [&str; 10] = [
     "connect4",
     "connect6",
     "sendmsg4",
@@ -45,6 +45,7 @@ pub const PROGRAMS: [&str; 9] = [
     "getpeername4",
     "getpeername6",
     "policy_ingress",
+    "proxy_sockops",
 ];
 
 /// Where things are pinned.
@@ -236,6 +237,7 @@ pub fn install<T>(
         match program {
             Program::CgroupSockAddr(p) => p.load(),
             Program::CgroupSkb(p) => p.load(),
+            Program::SockOps(p) => p.load(),
             _ => bail!("program {name} has an unexpected type"),
         }
         .with_context(|| format!("loading program {name}"))?;
@@ -251,6 +253,10 @@ pub fn install<T>(
             }
             Program::CgroupSkb(p) => {
                 let id = p.attach(&cgroup, CgroupSkbAttachType::Ingress, mode);
+                FdLink::try_from(p.take_link(id.with_context(|| format!("attaching {name}"))?)?)?
+            }
+            Program::SockOps(p) => {
+                let id = p.attach(&cgroup, mode);
                 FdLink::try_from(p.take_link(id.with_context(|| format!("attaching {name}"))?)?)?
             }
             _ => unreachable!("checked when loading"),

@@ -18,8 +18,8 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::Key, lpm_trie::L
 use mesh_common::{
     map_names,
     policy::{
-        CLASS_SKIP, IpInfo, IpSlot, LocalEndpoint, LocalSlot, MAX_POLICY, PolicyKey, PolicyState,
-        PolicyValue, counter, identity,
+        CLASS_SKIP, IpInfo, IpSlot, LocalEndpoint, LocalSlot, MAX_POLICY, MtlsPortKey, PolicyKey,
+        PolicyState, PolicyValue, counter, identity,
     },
 };
 
@@ -35,6 +35,7 @@ pub struct PolicyMaps {
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
     pub state: Array<MapData, PolicyState>,
     pub counters: PerCpuArray<MapData, u64>,
+    pub mtls_ports: HashMap<MapData, MtlsPortKey, u32>,
 }
 
 /// Event rate limit written into `pol_state`.
@@ -67,19 +68,41 @@ pub struct PolicyCounters {
     pub allowed_ingress: u64,
     pub udp_flow_hits: u64,
     pub udp_replies: u64,
+    pub strict_denied: u64,
+    pub proxy_redirected: u64,
+    pub proxy_ingress: u64,
+    pub proxy_refused: u64,
 }
 
 const WORLD_SLOT: IpSlot = IpSlot {
     identity: identity::WORLD,
     src_class: 0,
     dst_class: 0,
+    mesh: 0,
 };
 const SKIP_SLOT: LocalSlot = LocalSlot {
     identity: identity::UNKNOWN,
     src_class4: CLASS_SKIP,
     src_class6: CLASS_SKIP,
-    policed: 0,
+    flags: 0,
 };
+
+/// Where the connect hook sends redirected connections (`pol_state`), fixed for the agent's lifetime.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyRedirect {
+    /// The proxy's outbound port; 0: no redirect.
+    pub port: u16,
+    pub addr4: Option<std::net::Ipv4Addr>,
+    pub addr6: Option<std::net::Ipv6Addr>,
+}
+
+impl ProxyRedirect {
+    fn write(&self, st: &mut PolicyState) {
+        st.proxy_port = self.port as u32;
+        st.proxy_addr4 = self.addr4.map_or([0; 16], |a| a.to_ipv6_mapped().octets());
+        st.proxy_addr6 = self.addr6.map_or([0; 16], |a| a.octets());
+    }
+}
 
 fn key(p: &Prefix) -> Key<[u8; 16]> {
     Key::new(p.len as u32, p.addr)
@@ -115,6 +138,7 @@ impl PolicyMaps {
             policy: HashMap::try_from(m(map_names::POLICY)?)?,
             state: Array::try_from(m(map_names::POLICY_STATE)?)?,
             counters: PerCpuArray::try_from(m(map_names::POLICY_COUNTERS)?)?,
+            mtls_ports: HashMap::try_from(m(map_names::MTLS_PORTS)?)?,
         })
     }
 
@@ -139,6 +163,10 @@ impl PolicyMaps {
             allowed_ingress: get(counter::ALLOWED_INGRESS),
             udp_flow_hits: get(counter::UDP_FLOW_HITS),
             udp_replies: get(counter::UDP_REPLIES),
+            strict_denied: get(counter::STRICT_DENIED),
+            proxy_redirected: get(counter::PROXY_REDIRECTED),
+            proxy_ingress: get(counter::PROXY_INGRESS),
+            proxy_refused: get(counter::PROXY_REFUSED),
         }
     }
 
@@ -148,17 +176,19 @@ impl PolicyMaps {
         &mut self,
         desired: &Compiled,
         limits: EventLimits,
+        proxy: ProxyRedirect,
         unchanged: bool,
     ) -> anyhow::Result<PolicyChanges> {
         let st = self.state()?;
         if unchanged {
-            if st.events_per_sec != limits.per_sec || st.events_burst != limits.burst {
-                let st = PolicyState {
-                    events_per_sec: limits.per_sec,
-                    events_burst: limits.burst,
-                    ..st
-                };
-                self.state.set(0, st, 0)?;
+            let mut next = PolicyState {
+                events_per_sec: limits.per_sec,
+                events_burst: limits.burst,
+                ..st
+            };
+            proxy.write(&mut next);
+            if next != st {
+                self.state.set(0, next, 0)?;
             }
             return Ok(PolicyChanges {
                 epoch: st.epoch,
@@ -291,15 +321,50 @@ impl PolicyMaps {
             }
         }
 
+        // 2b. per-port mTLS modes under epoch n.
+        let existing_modes = read(self.mtls_ports.iter(), "mtls_ports")?;
+        let want_modes: BTreeMap<MtlsPortKey, u32> = desired
+            .mtls_ports
+            .iter()
+            .map(|(&(addr, port), &m)| {
+                (
+                    MtlsPortKey {
+                        addr,
+                        port,
+                        epoch: n as u8,
+                        _pad: 0,
+                    },
+                    m,
+                )
+            })
+            .collect();
+        for k in existing_modes.keys() {
+            if k.epoch as usize == n && !want_modes.contains_key(k) {
+                self.mtls_ports
+                    .remove(k)
+                    .context("deleting a stale mtls_ports entry")?;
+                changes.deletes += 1;
+            }
+        }
+        for (k, v) in &want_modes {
+            if existing_modes.get(k) != Some(v) {
+                self.mtls_ports
+                    .insert(k, v, 0)
+                    .context("writing mtls_ports")?;
+                changes.writes += 1;
+            }
+        }
+
         // 3. flip.
-        let next = PolicyState {
+        let mut next = PolicyState {
             epoch: n as u32,
             enabled: desired.enabled as u32,
             generation: st.generation.wrapping_add(1),
             events_per_sec: limits.per_sec,
             events_burst: limits.burst,
-            _pad: 0,
+            ..Default::default()
         };
+        proxy.write(&mut next);
         self.state.set(0, next, 0).context("flipping the epoch")?;
         changes.flipped = true;
         changes.epoch = next.epoch;
@@ -330,6 +395,14 @@ impl PolicyMaps {
         for k in existing_verdicts.keys() {
             if k.epoch as usize == e {
                 self.policy.remove(k).context("deleting an old verdict")?;
+                changes.deletes += 1;
+            }
+        }
+        for k in existing_modes.keys() {
+            if k.epoch as usize == e {
+                self.mtls_ports
+                    .remove(k)
+                    .context("deleting an old mtls_ports entry")?;
                 changes.deletes += 1;
             }
         }

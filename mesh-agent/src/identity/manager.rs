@@ -35,7 +35,7 @@ use super::verify::{self, SpiffeClientVerifier, SpiffeServerVerifier, TrustBundl
 
 /// The shortest time from issuance to renewal the manager accepts. Renewal is at half-life counted from not-before,
 /// which is `backdate` in the past, so this requires `lifetime >= backdate + 10 s`. (Issuance itself also refuses a
-/// lifetime under one minute.)
+/// lifetime under 10 s.)
 pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// After a failed renewal, how long before [`CertManager::renew_due`] tries that identity again. The old SVID stays
@@ -215,7 +215,7 @@ impl std::fmt::Debug for CertManager {
 
 impl CertManager {
     /// Issues the proxy identity's SVID and builds the server config. Fails if the options are invalid (see
-    /// [`MIN_RENEWAL_INTERVAL`]; issuance also refuses a lifetime under one minute) or the proxy identity is not in
+    /// [`MIN_RENEWAL_INTERVAL`]; issuance also refuses a lifetime under 10 s) or the proxy identity is not in
     /// the CA's trust domain.
     pub fn new(ca: Ca, opts: SvidOptions, proxy_identity: SpiffeId) -> Result<Self, IdentityError> {
         validate_options(opts)?;

@@ -30,6 +30,20 @@ pub struct SvidOptions {
     pub backdate: Duration,
 }
 
+/// The shortest lifetime issued: renewal at half-life must leave time for handshakes in between.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(10);
+
+impl SvidOptions {
+    /// `lifetime`, backdated by the usual clock skew allowance, or by a tenth of the lifetime when that is less
+    /// (a short-lived SVID backdated by 5 minutes would be due for renewal the moment it is issued).
+    pub fn with_lifetime(lifetime: Duration) -> SvidOptions {
+        SvidOptions {
+            lifetime,
+            backdate: CLOCK_SKEW.min(lifetime / 10),
+        }
+    }
+}
+
 impl Default for SvidOptions {
     fn default() -> Self {
         SvidOptions {
@@ -130,9 +144,9 @@ pub fn issue(ca: &Ca, id: &SpiffeId, opts: SvidOptions) -> Result<Svid, Identity
             requested: id.trust_domain().to_string(),
         });
     }
-    if opts.lifetime < Duration::from_secs(60) {
+    if opts.lifetime < MIN_LIFETIME {
         return Err(IdentityError::InvalidOptions(format!(
-            "lifetime {:?} is shorter than one minute",
+            "lifetime {:?} is shorter than {MIN_LIFETIME:?}",
             opts.lifetime
         )));
     }

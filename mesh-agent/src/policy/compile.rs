@@ -29,14 +29,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use mesh_common::policy::{
-    CLASS_SKIP, DST_DEFAULT_DENY, IpSlot, LocalSlot, PolicyValue, VERDICT_ALLOW, VERDICT_DENY,
-    VERDICT_FLAG_AUDIT, identity,
+    CLASS_SKIP, DST_DEFAULT_DENY, IpSlot, LOCAL_ENROLLED, LOCAL_POLICED, LocalSlot, MESH_DISABLE,
+    MESH_ENROLLED, MESH_PORT_MODES, MESH_STRICT, MTLS_PORT_DISABLE, MTLS_PORT_PERMISSIVE,
+    MTLS_PORT_STRICT, PolicyValue, VERDICT_ALLOW, VERDICT_DENY, VERDICT_FLAG_AUDIT, identity,
 };
 use serde::Serialize;
 
 use super::eval::{Evaluator, Identity, Protocol, Request, Verdict};
 use super::{Action, AuthorizationPolicy};
-use crate::k8s::Pod;
+use crate::k8s::{Namespace, Pod};
+use crate::peerauth::{MtlsMode, PeerAuthentication, workload_modes};
 
 /// An IPv4 prefix length in the kernel's 128-bit keys is this plus the IPv4 length.
 const V4_MAPPED_BITS: u8 = 96;
@@ -153,6 +155,28 @@ pub struct Inputs<'a> {
     /// Netns cookies of this node's pods, by pod key (`namespace/name`). A local pod without one is only
     /// enforced at its destinations.
     pub netns_cookies: &'a BTreeMap<String, u64>,
+    pub mesh: &'a MeshInputs,
+}
+
+/// What the mesh half of the tables is made from (issue 4): who is enrolled, the mTLS modes, the node proxy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshInputs {
+    /// For the namespace's enrollment label.
+    pub namespaces: Vec<Namespace>,
+    /// Valid `PeerAuthentication` objects.
+    pub peer_authentications: Vec<PeerAuthentication>,
+    /// The node proxy's addresses (where redirected connections go, and the source of its connections to local
+    /// workloads): the kernel knows them as [`identity::NODE_PROXY`]. Empty: no proxy, nothing is redirected.
+    pub proxy_addrs: Vec<IpAddr>,
+}
+
+/// An enrolled workload's mTLS modes, as compiled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Enrolled {
+    /// The mode of ports without their own.
+    pub mode: MtlsMode,
+    /// Ports whose mode differs.
+    pub ports: BTreeMap<u16, MtlsMode>,
 }
 
 /// A source class: who (if anyone) and which policy CIDRs contain the address.
@@ -197,6 +221,10 @@ pub struct Compiled {
     pub dest_classes: Vec<DestClass>,
     /// Policy key -> the pods (`namespace/name`) it applies to.
     pub selects: BTreeMap<String, Vec<String>>,
+    /// (address, port) -> `MTLS_PORT_*`: ports of enrolled workloads whose mode differs from the workload's.
+    pub mtls_ports: BTreeMap<([u8; 16], u16), u32>,
+    /// Enrolled pods (`namespace/name`) and their modes.
+    pub enrolled: BTreeMap<String, Enrolled>,
 }
 
 /// The numeric identity of `namespace/serviceaccount`: a hash, so that every node and every restart gives the
@@ -237,6 +265,8 @@ enum Owner {
     /// Index into the workloads.
     Pod(usize),
     Host,
+    /// The node proxy's own address.
+    Proxy,
     World,
 }
 
@@ -302,6 +332,10 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
     for prefix in &host_ips {
         owners.insert(*prefix, Owner::Host);
     }
+    // The proxy's addresses are its own even if something else claims them: the kernel must know the proxy.
+    for ip in &inputs.mesh.proxy_addrs {
+        owners.insert(Prefix::host(*ip), Owner::Proxy);
+    }
     let cidrs: Vec<Prefix> = eval
         .cidrs()
         .into_iter()
@@ -348,7 +382,7 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
             .collect();
         let identity = match owner {
             Owner::Pod(i) => Some(workloads[*i].identity.clone()),
-            Owner::Host | Owner::World => None,
+            Owner::Host | Owner::Proxy | Owner::World => None,
         };
         if identity.is_none() && membership.is_empty() && src_class_of.values().all(|&c| c != 0) {
             // Class 0's placeholder example may lie in a CIDR; a real unowned, uncovered address does not.
@@ -493,6 +527,48 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
             c => c,
         }
     };
+    // Mesh: enrollment and mTLS modes of every workload (a remote one too: this node's clients redirect to it).
+    let mut enrolled: BTreeMap<String, Enrolled> = BTreeMap::new();
+    let mut mesh_bits = vec![0u32; workloads.len()];
+    let mut mtls_ports = BTreeMap::new();
+    let no_labels = BTreeMap::new();
+    for (i, w) in workloads.iter().enumerate() {
+        let ns = &w.pod.metadata.namespace;
+        let ns_labels = inputs
+            .mesh
+            .namespaces
+            .iter()
+            .find(|n| n.metadata.name == *ns)
+            .map_or(&no_labels, |n| &n.metadata.labels);
+        if !crate::enrollment::enrolled(&w.pod.metadata.labels, ns_labels) {
+            continue;
+        }
+        let (mode, ports) = workload_modes(
+            &inputs.mesh.peer_authentications,
+            inputs.root_namespace,
+            ns,
+            &w.pod.metadata.labels,
+        );
+        mesh_bits[i] = MESH_ENROLLED
+            | match mode {
+                MtlsMode::Strict => MESH_STRICT,
+                MtlsMode::Disable => MESH_DISABLE,
+                MtlsMode::Permissive => 0,
+            }
+            | if ports.is_empty() { 0 } else { MESH_PORT_MODES };
+        for ip in &w.ips {
+            for (&port, &m) in &ports {
+                let v = match m {
+                    MtlsMode::Strict => MTLS_PORT_STRICT,
+                    MtlsMode::Disable => MTLS_PORT_DISABLE,
+                    MtlsMode::Permissive => MTLS_PORT_PERMISSIVE,
+                };
+                mtls_ports.insert((Prefix::host(*ip).addr, port), v);
+            }
+        }
+        enrolled.insert(w.key.clone(), Enrolled { mode, ports });
+    }
+
     let mut ipcache = BTreeMap::new();
     for (prefix, owner) in &owners {
         let src_class = src_class_of.get(prefix).copied().unwrap_or(0);
@@ -501,16 +577,25 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
                 identity: identity_ids[&workloads[*i].identity],
                 src_class,
                 dst_class: dst_bits(dst_class_of_workload[*i]),
+                mesh: mesh_bits[*i],
             },
             Owner::Host => IpSlot {
                 identity: identity::HOST,
                 src_class,
                 dst_class: 0,
+                mesh: 0,
+            },
+            Owner::Proxy => IpSlot {
+                identity: identity::NODE_PROXY,
+                src_class,
+                dst_class: 0,
+                mesh: 0,
             },
             Owner::World => IpSlot {
                 identity: identity::WORLD,
                 src_class,
                 dst_class: 0,
+                mesh: 0,
             },
         };
         ipcache.insert(*prefix, slot);
@@ -534,7 +619,14 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
                 .unwrap_or(CLASS_SKIP)
         };
         let (c4, c6) = (class_for(true), class_for(false));
-        if c4 == CLASS_SKIP && c6 == CLASS_SKIP && dst_class_of_workload[i] == 0 {
+        let mut flags = 0;
+        if dst_class_of_workload[i] != 0 {
+            flags |= LOCAL_POLICED;
+        }
+        if mesh_bits[i] & MESH_ENROLLED != 0 {
+            flags |= LOCAL_ENROLLED;
+        }
+        if c4 == CLASS_SKIP && c6 == CLASS_SKIP && flags == 0 {
             continue;
         }
         local_eps.insert(
@@ -543,13 +635,14 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
                 identity: identity_ids[&w.identity],
                 src_class4: c4,
                 src_class6: c6,
-                policed: (dst_class_of_workload[i] != 0) as u32,
+                flags,
             },
         );
     }
 
     Ok(Compiled {
-        enabled: !dest_classes.is_empty(),
+        // The mesh needs the connect hook (redirect, STRICT) even where no AuthorizationPolicy applies.
+        enabled: !dest_classes.is_empty() || !enrolled.is_empty(),
         ipcache,
         local_eps,
         verdicts,
@@ -557,6 +650,8 @@ pub fn compile(inputs: &Inputs<'_>) -> Result<Compiled, CompileError> {
         source_classes,
         dest_classes,
         selects,
+        mtls_ports,
+        enrolled,
     })
 }
 
@@ -664,6 +759,7 @@ mod tests {
             root_namespace: ROOT,
             trust_domain: TD,
             netns_cookies: &BTreeMap::new(),
+            mesh: &MeshInputs::default(),
         })
         .unwrap()
     }
@@ -813,6 +909,7 @@ mod tests {
                 root_namespace: ROOT,
                 trust_domain: TD,
                 netns_cookies: &cookies,
+                mesh: &MeshInputs::default(),
             })
             .unwrap();
             for dst in &pods {
@@ -948,6 +1045,7 @@ mod tests {
             root_namespace: ROOT,
             trust_domain: TD,
             netns_cookies: &BTreeMap::new(),
+            mesh: &MeshInputs::default(),
         })
         .unwrap();
         assert!(!c.enabled);
@@ -1017,5 +1115,119 @@ mod tests {
             "10.0.1.2".parse().unwrap(),
             80
         ));
+    }
+
+    fn namespace(name: &str, labels: serde_json::Value) -> Namespace {
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap()
+    }
+
+    fn peer_auth(v: serde_json::Value) -> PeerAuthentication {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn enrolled_pod(ns: &str, name: &str, ip: &str, node: &str) -> Pod {
+        let mut p = pod(ns, name, name, name, ip, node);
+        p.metadata
+            .labels
+            .insert("sinew.dev/mesh".into(), "enabled".into());
+        p
+    }
+
+    fn slot_of(c: &Compiled, ip: &str) -> IpSlot {
+        c.ipcache[&Prefix::host(ip.parse().unwrap())]
+    }
+
+    #[test]
+    fn mesh_flags_follow_enrollment_and_peer_authentication_modes() {
+        let pods = vec![
+            enrolled_pod("a", "web", "10.0.1.1", "n1"),
+            enrolled_pod("a", "api", "10.0.1.2", "n2"),
+            pod("a", "plain", "plain", "plain", "10.0.1.3", "n1"),
+            // Enrolled through its namespace.
+            pod("m", "db", "db", "db", "10.0.2.1", "n2"),
+            // Opted out of an enrolled namespace.
+            {
+                let mut p = pod("m", "out", "out", "out", "10.0.2.2", "n2");
+                p.metadata
+                    .labels
+                    .insert("sinew.dev/mesh".into(), "disabled".into());
+                p
+            },
+        ];
+        let mesh = MeshInputs {
+            namespaces: vec![namespace("m", json!({"sinew.dev/mesh": "enabled"}))],
+            peer_authentications: vec![
+                // Mesh-wide STRICT...
+                peer_auth(json!({"metadata": {"namespace": ROOT, "name": "all"},
+                                 "spec": {"mtls": {"mode": "STRICT"}}})),
+                // ...namespace m PERMISSIVE...
+                peer_auth(json!({"metadata": {"namespace": "m", "name": "ns"},
+                                 "spec": {"mtls": {"mode": "PERMISSIVE"}}})),
+                // ...and web: DISABLE on 9090, PERMISSIVE on 8081 (the rest inherits STRICT).
+                peer_auth(json!({"metadata": {"namespace": "a", "name": "web"},
+                                 "spec": {"selector": {"matchLabels": {"app": "web"}},
+                                          "portLevelMtls": {"9090": {"mode": "DISABLE"},
+                                                            "8081": {"mode": "PERMISSIVE"}}}})),
+            ],
+            proxy_addrs: vec!["169.254.7.1".parse().unwrap()],
+        };
+        let cookies = BTreeMap::from([("a/web".to_string(), 11u64), ("a/plain".to_string(), 12)]);
+        let c = compile(&Inputs {
+            policies: &[],
+            pods: &pods,
+            node: "n1",
+            root_namespace: ROOT,
+            trust_domain: TD,
+            netns_cookies: &cookies,
+            mesh: &mesh,
+        })
+        .unwrap();
+        // No AuthorizationPolicy, but the mesh needs the hooks.
+        assert!(c.enabled);
+        assert_eq!(
+            slot_of(&c, "10.0.1.1").mesh,
+            MESH_ENROLLED | MESH_STRICT | MESH_PORT_MODES
+        );
+        assert_eq!(slot_of(&c, "10.0.1.2").mesh, MESH_ENROLLED | MESH_STRICT);
+        assert_eq!(slot_of(&c, "10.0.1.3").mesh, 0, "not enrolled");
+        assert_eq!(slot_of(&c, "10.0.2.1").mesh, MESH_ENROLLED, "PERMISSIVE");
+        assert_eq!(slot_of(&c, "10.0.2.2").mesh, 0, "opted out");
+        let web = Prefix::host("10.0.1.1".parse().unwrap()).addr;
+        assert_eq!(
+            c.mtls_ports,
+            BTreeMap::from([
+                ((web, 8081), MTLS_PORT_PERMISSIVE),
+                ((web, 9090), MTLS_PORT_DISABLE),
+            ])
+        );
+        // The proxy's address is the node proxy, whatever else claims it.
+        let proxy = slot_of(&c, "169.254.7.1");
+        assert_eq!(proxy.identity, identity::NODE_PROXY);
+        assert_eq!(proxy.mesh, 0);
+        assert_eq!(c.local_eps[&11].flags, LOCAL_ENROLLED);
+        assert_eq!(c.local_eps[&12].flags, 0);
+        assert_eq!(c.enrolled["a/web"].mode, MtlsMode::Strict);
+        assert_eq!(c.enrolled.len(), 3);
+    }
+
+    #[test]
+    fn nothing_enrolled_and_no_policy_leaves_the_hooks_off() {
+        let pods = vec![pod("a", "web", "web", "web", "10.0.1.1", "n1")];
+        let mesh = MeshInputs {
+            proxy_addrs: vec!["169.254.7.1".parse().unwrap()],
+            ..Default::default()
+        };
+        let c = compile(&Inputs {
+            policies: &[],
+            pods: &pods,
+            node: "n1",
+            root_namespace: ROOT,
+            trust_domain: TD,
+            netns_cookies: &BTreeMap::new(),
+            mesh: &mesh,
+        })
+        .unwrap();
+        assert!(!c.enabled);
+        assert!(c.mtls_ports.is_empty() && c.enrolled.is_empty());
     }
 }

@@ -8,13 +8,15 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
-use mesh_common::policy::{DIR_EGRESS, PolicyEvent, VERDICT_DENY, VERDICT_FLAG_AUDIT, identity};
+use mesh_common::policy::{
+    DIR_EGRESS, PolicyEvent, VERDICT_DENY, VERDICT_FLAG_AUDIT, VERDICT_FLAG_STRICT, identity,
+};
 use serde::Serialize;
 
-use super::compile::{self, Compiled, Inputs};
+use super::compile::{self, Compiled, Inputs, MeshInputs};
 use super::eval::{self, Evaluator, Identity, Protocol, Request, RuleStatus};
 use super::{AuthorizationPolicy, validate};
-use crate::ebpf::policy::{EventLimits, PolicyChanges, PolicyCounters, PolicyMaps};
+use crate::ebpf::policy::{EventLimits, PolicyChanges, PolicyCounters, PolicyMaps, ProxyRedirect};
 use crate::ebpf::reconcile::{bytes_addr, proto_name};
 use crate::k8s::Pod;
 use crate::source::SourceError;
@@ -29,10 +31,17 @@ pub struct PolicySettings {
     pub root_namespace: String,
     pub trust_domain: String,
     pub limits: EventLimits,
+    /// Where the kernel redirects enrolled connections (and the addresses it knows as the node proxy).
+    pub proxy: ProxyRedirect,
 }
 
 /// What a compilation is made from: the valid policies, the pods, and the netns cookies by pod.
-type CompileInputs = (Vec<AuthorizationPolicy>, Vec<Pod>, BTreeMap<String, u64>);
+type CompileInputs = (
+    Vec<AuthorizationPolicy>,
+    Vec<Pod>,
+    BTreeMap<String, u64>,
+    MeshInputs,
+);
 
 /// What is in force.
 #[derive(Clone, Debug, Default)]
@@ -75,6 +84,8 @@ pub struct Flow {
     pub side: &'static str,
     pub verdict: &'static str,
     pub audit: bool,
+    /// Refused by STRICT mTLS (plaintext to a port only the node proxy may reach), not by a policy.
+    pub strict: bool,
     pub proto: &'static str,
     /// `ip:port`; at egress the source port is not chosen yet (0) and the address is the local pod's.
     pub src: String,
@@ -115,6 +126,8 @@ pub struct PolicyStatus {
     pub identities: Vec<IdentityView>,
     pub kernel: KernelView,
     pub counters: PolicyCounters,
+    /// Enrolled pods (`namespace/name`) and the mTLS mode of their TCP ports, as in force.
+    pub mesh: BTreeMap<String, compile::Enrolled>,
 }
 
 #[derive(Debug, Serialize)]
@@ -207,6 +220,31 @@ impl PolicyPlane {
         &self.settings
     }
 
+    /// This node's pods (`namespace/name`) by netns cookie, as in force: the node proxy names the client of a
+    /// redirected connection by the cookie the kernel recorded.
+    pub fn local_pods_by_cookie(&self) -> BTreeMap<u64, String> {
+        self.in_force
+            .as_ref()
+            .map(|f| f.cookie_pods.clone())
+            .unwrap_or_default()
+    }
+
+    /// The policies in force (valid, and not left out for size).
+    pub fn policies_in_force(&self) -> Vec<AuthorizationPolicy> {
+        self.in_force
+            .as_ref()
+            .map(|f| f.policies.clone())
+            .unwrap_or_default()
+    }
+
+    /// Enrolled pods and their mTLS modes, as in force.
+    pub fn enrolled(&self) -> BTreeMap<String, compile::Enrolled> {
+        self.in_force
+            .as_ref()
+            .map(|f| f.compiled.enrolled.clone())
+            .unwrap_or_default()
+    }
+
     /// Netns cookies of this node's pods; a pod whose netns cannot be read yet is left out (it is still
     /// enforced at its destinations, and picked up on the next pass).
     fn resolve_cookies(&mut self, pods: &[Pod]) -> (BTreeMap<String, u64>, Vec<String>) {
@@ -247,8 +285,18 @@ impl PolicyPlane {
         &mut self,
         policies: &[AuthorizationPolicy],
         pods: &[Pod],
+        mesh: &MeshInputs,
         source_errors: &[SourceError],
     ) -> anyhow::Result<Applied> {
+        let mut mesh = mesh.clone();
+        mesh.proxy_addrs = [
+            self.settings.proxy.addr4.map(IpAddr::V4),
+            self.settings.proxy.addr6.map(IpAddr::V6),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|_| self.settings.proxy.port != 0)
+        .collect();
         // The source's rejections of policies, for `policy status`.
         self.rejected = source_errors
             .iter()
@@ -265,11 +313,13 @@ impl PolicyPlane {
         // The same inputs compile to the same tables: skip the work (a 30 s resync of 1,000 policies would
         // otherwise cost about half a second of CPU each time).
         if let Some(f) = &self.in_force
-            && f.inputs
-                .as_ref()
-                .is_some_and(|(p, q, c)| *p == policies && q.as_slice() == pods && *c == cookies)
+            && f.inputs.as_ref().is_some_and(|(p, q, c, m)| {
+                *p == policies && q.as_slice() == pods && *c == cookies && *m == mesh
+            })
         {
-            let changes = self.maps.apply(&f.compiled, self.settings.limits, true)?;
+            let changes =
+                self.maps
+                    .apply(&f.compiled, self.settings.limits, self.settings.proxy, true)?;
             self.rejected.extend(f.too_large.iter().cloned());
             return Ok(Applied {
                 changes,
@@ -277,7 +327,12 @@ impl PolicyPlane {
                 too_large: f.too_large.clone(),
             });
         }
-        let inputs = (policies.clone(), pods.to_vec(), cookies.clone());
+        let inputs = (
+            policies.clone(),
+            pods.to_vec(),
+            cookies.clone(),
+            mesh.clone(),
+        );
         let settings = self.settings.clone();
         let compile_set = |set: &[AuthorizationPolicy]| {
             compile::compile(&Inputs {
@@ -287,6 +342,7 @@ impl PolicyPlane {
                 root_namespace: &settings.root_namespace,
                 trust_domain: &settings.trust_domain,
                 netns_cookies: &cookies,
+                mesh: &mesh,
             })
         };
         let mut too_large = Vec::new();
@@ -338,9 +394,12 @@ impl PolicyPlane {
             .in_force
             .as_ref()
             .is_some_and(|f| f.compiled == compiled);
-        let changes = self
-            .maps
-            .apply(&compiled, self.settings.limits, unchanged)?;
+        let changes = self.maps.apply(
+            &compiled,
+            self.settings.limits,
+            self.settings.proxy,
+            unchanged,
+        )?;
         if !unchanged {
             self.revision += 1;
         }
@@ -395,6 +454,7 @@ impl PolicyPlane {
             .collect();
         policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         PolicyStatus {
+            mesh: f.compiled.enrolled.clone(),
             revision: self.revision,
             epoch: st.epoch,
             generation: st.generation,
@@ -493,7 +553,27 @@ impl PolicyPlane {
         } else {
             bytes_addr(&ev.src_addr)
         };
+        let strict = ev.flags & VERDICT_FLAG_STRICT != 0;
         let (policy, rule, reason) = match (&self.in_force, &dst_pod) {
+            // Not an AuthorizationPolicy verdict: the port takes only the node proxy.
+            (Some(f), Some(dst)) if strict => {
+                let key = dst.metadata.key();
+                let mode = f
+                    .compiled
+                    .enrolled
+                    .get(&key)
+                    .map(|e| e.ports.get(&ev.dst_port).copied().unwrap_or(e.mode));
+                (
+                    None,
+                    None,
+                    format!(
+                        "STRICT mTLS: port {} of {key} takes only the node proxy ({}), and this connection did \
+                         not come through it",
+                        ev.dst_port,
+                        mode.map_or("mode not known any more".into(), |m| format!("mode {m}"))
+                    ),
+                )
+            }
             (Some(f), Some(dst)) => {
                 let source = if ev.src_identity >= identity::FIRST_WORKLOAD {
                     src_name
@@ -543,6 +623,7 @@ impl PolicyPlane {
                 "allow"
             },
             audit: ev.flags & VERDICT_FLAG_AUDIT != 0,
+            strict,
             proto: proto_name(ev.proto),
             // At egress the source port is not chosen yet: the kernel reports 0.
             src: SocketAddr::new(src_ip, ev.src_port).to_string(),

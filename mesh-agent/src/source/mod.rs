@@ -31,9 +31,20 @@ pub struct Snapshot {
     pub namespaces: Vec<Namespace>,
     /// `security.sinew.dev/v1alpha1` policies, each valid ([`crate::policy::validate`]).
     pub authorization_policies: Vec<AuthorizationPolicy>,
-    /// `security.sinew.dev/v1alpha1` mTLS modes, each valid ([`crate::peerauth::validate`]). Read, not yet
-    /// enforced (issue 4).
+    /// `security.sinew.dev/v1alpha1` mTLS modes, each valid ([`crate::peerauth::validate`]).
     pub peer_authentications: Vec<PeerAuthentication>,
+}
+
+impl Snapshot {
+    /// What the mesh half of the policy tables is compiled from (the node proxy's addresses are added by the
+    /// policy plane, which knows them).
+    pub fn mesh_inputs(&self) -> crate::policy::compile::MeshInputs {
+        crate::policy::compile::MeshInputs {
+            namespaces: self.namespaces.clone(),
+            peer_authentications: self.peer_authentications.clone(),
+            proxy_addrs: Vec::new(),
+        }
+    }
 }
 
 /// One rejected input. The admin endpoint exports these as `sinew_source_rejected{file,object,reason}`.

@@ -70,7 +70,7 @@ pub struct MeshPod {
     /// Write a Pod object for it (false: a netns no object describes).
     pub manifest: bool,
     /// `status.hostIP` instead of its node's address.
-    pub host_ip: Option<Ipv4Addr>,
+    pub host_ip: Option<HostIp>,
 }
 
 impl MeshPod {
@@ -118,8 +118,23 @@ impl MeshPod {
 
     /// Overrides `status.hostIP` (where other nodes' proxies send its tunnel).
     pub fn host_ip(mut self, ip: Ipv4Addr) -> MeshPod {
-        self.host_ip = Some(ip);
+        self.host_ip = Some(HostIp::Addr(ip));
         self
+    }
+
+    /// Sets `status.hostIP` to the address of the fixture's pod `pod` (e.g. a pod without an object whose netns
+    /// runs a [`FakeTunnel`]).
+    pub fn host_ip_of_pod(mut self, pod: &str) -> MeshPod {
+        self.host_ip = Some(HostIp::OfPod(pod.into()));
+        self
+    }
+
+    /// No Pod object: a netns no object describes (not a known pod).
+    pub fn hidden(name: &str) -> MeshPod {
+        MeshPod {
+            manifest: false,
+            ..MeshPod::plain(name)
+        }
     }
 
     /// Its SPIFFE ID.
@@ -127,22 +142,31 @@ impl MeshPod {
         spiffe(&self.namespace, &self.service_account)
     }
 
-    /// Whether its own label enrolls it.
-    pub fn enrolled_by_label(&self) -> bool {
-        self.labels.get(MESH_LABEL).is_some_and(|v| v == "enabled")
-    }
-
-    fn manifest_for(&self, pod: &Pod) -> Value {
+    fn manifest_for(&self, pod: &Pod, topo: &Topology) -> Value {
         let mut m = PodManifest::new(pod).service_account(&self.service_account);
         for (k, v) in &self.labels {
             m = m.label(k, v);
         }
         let mut v = m.to_value();
-        if let Some(ip) = self.host_ip {
+        let host_ip = match &self.host_ip {
+            None => None,
+            Some(HostIp::Addr(ip)) => Some(*ip),
+            Some(HostIp::OfPod(p)) => Some(topo.pod(p).ip4),
+        };
+        if let Some(ip) = host_ip {
             v["status"]["hostIP"] = Value::String(ip.to_string());
         }
         v
     }
+}
+
+/// A pod's `status.hostIP` override.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostIp {
+    /// This address.
+    Addr(Ipv4Addr),
+    /// The address of this pod of the fixture.
+    OfPod(String),
 }
 
 /// How [`MeshFixture::setup`] builds the agents and what it writes first.
@@ -172,32 +196,21 @@ pub struct MeshFixture {
     pub ca_dir: PathBuf,
     /// Every pod, in declaration order.
     pub pods: Vec<MeshPod>,
+    /// The labels of the Namespace objects written at setup (from [`MeshOptions::files`]).
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// The topology (dropped last).
     pub topo: Topology,
 }
 
-/// `mesh-agent run` options for `node` with the mesh flags: `--ca-dir`, then `extra`.
+/// `mesh-agent run` options for `node` ([`AgentOptions::for_node`]: the proxy in the node's netns, a state dir)
+/// with `--ca-dir`, then `extra`.
 pub fn agent_options(
     node: &Node,
     source: &Path,
     ca_dir: &Path,
     extra: &[String],
 ) -> Result<AgentOptions> {
-    let mut o = AgentOptions {
-        bin: crate::agent_bin(),
-        node: node.name().to_string(),
-        source_dir: source.to_path_buf(),
-        cgroup_root: node.cgroup_root().to_path_buf(),
-        bpffs_root: node.bpffs_root(),
-        admin_addr: SocketAddr::from(([127, 0, 0, 1], crate::free_port()?)),
-        log_path: node.work_dir().join(format!("agent-{}.log", node.name())),
-        extra_args: vec![
-            "--proxy-netns".into(),
-            node.netns().path().display().to_string(),
-            "--state-dir".into(),
-            node.work_dir().display().to_string(),
-        ],
-    };
+    let mut o = AgentOptions::for_node(node, source, None)?;
     o.extra_args
         .extend(["--ca-dir".to_string(), ca_dir.display().to_string()]);
     o.extra_args.extend(extra.iter().cloned());
@@ -238,7 +251,7 @@ impl MeshFixture {
                 if spec.manifest {
                     source.write(
                         &format!("pod-{}.yaml", spec.name),
-                        &[spec.manifest_for(&pod)],
+                        &[spec.manifest_for(&pod, &topo)],
                     )?;
                 }
                 pods.push(spec.clone());
@@ -248,8 +261,20 @@ impl MeshFixture {
             let svcs: Vec<Value> = opts.services.iter().map(Service::to_value).collect();
             source.write("services.yaml", &svcs)?;
         }
+        let mut namespace_labels = BTreeMap::new();
         for (file, objects) in &opts.files {
             source.write(file, objects)?;
+            for o in objects.iter().filter(|o| o["kind"] == "Namespace") {
+                let labels =
+                    serde_json::from_value(o["metadata"]["labels"].clone()).unwrap_or_default();
+                namespace_labels.insert(
+                    o["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    labels,
+                );
+            }
         }
         let mut agents = Vec::new();
         for (node, _) in nodes {
@@ -271,21 +296,32 @@ impl MeshFixture {
             ca,
             ca_dir,
             pods,
+            namespace_labels,
             topo,
         };
         f.wait_svids(Duration::from_secs(10))?;
+        f.wait_mesh_view(Duration::from_secs(10))?;
         Ok(f)
     }
 
-    /// Waits until every agent lists a workload certificate for each enrolled (by label) local pod's identity.
+    /// Whether pod `p` is enrolled: its own `sinew.dev/mesh` label, else its Namespace's (the agent's rule,
+    /// `mesh_agent::enrollment::enrolled`). Pods without an object are not.
+    pub fn enrolled(&self, p: &MeshPod) -> bool {
+        let none = BTreeMap::new();
+        p.manifest
+            && mesh_agent::enrollment::enrolled(
+                &p.labels,
+                self.namespace_labels.get(&p.namespace).unwrap_or(&none),
+            )
+    }
+
+    /// Waits until every agent lists a workload certificate for each enrolled local pod's identity.
     pub fn wait_svids(&self, timeout: Duration) -> Result<()> {
         for (i, node) in self.topo.nodes().iter().enumerate() {
             let want: Vec<String> = self
                 .pods
                 .iter()
-                .filter(|p| {
-                    p.enrolled_by_label() && p.manifest && self.node_of(&p.name) == node.name()
-                })
+                .filter(|p| self.enrolled(p) && self.node_of(&p.name) == node.name())
                 .map(MeshPod::principal)
                 .collect();
             let agent = &self.agents[i];
@@ -309,6 +345,38 @@ impl MeshFixture {
                 }
             })
             .map_err(|e| anyhow!("{e}; agent log tail:\n{}", agent.log_tail(30)))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every agent's `/debug/policies` lists every enrolled pod (on any node) in its
+    /// `mesh` view, so the kernel redirects connections to them from the first probe on.
+    pub fn wait_mesh_view(&self, timeout: Duration) -> Result<()> {
+        let want: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|p| self.enrolled(p))
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
+        for a in &self.agents {
+            crate::eventually(timeout, Duration::from_millis(50), || {
+                let v: Value = a
+                    .get_json("/debug/policies")
+                    .map_err(|e| format!("{e:#}"))?;
+                let missing: Vec<&String> = want
+                    .iter()
+                    .filter(|k| v["mesh"].get(k.as_str()).is_none())
+                    .collect();
+                if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "not in the mesh view yet: {missing:?}; mesh: {}",
+                        v["mesh"]
+                    ))
+                }
+            })
+            .map_err(|e| anyhow!("agent {}: {e}", a.options().node))?;
         }
         Ok(())
     }
@@ -373,6 +441,39 @@ impl MeshFixture {
         } else {
             self.source.write(PEER_AUTH_FILE, objects).map(drop)
         }
+    }
+
+    /// Waits (at most `timeout`) until every agent's `/debug/policies` shows pod `pod` enrolled with mTLS `mode`
+    /// (`STRICT`, `PERMISSIVE`, `DISABLE`) and exactly the per-port `ports` that differ from it (the `mesh` entry
+    /// is what is in force in the kernel).
+    pub fn wait_mtls(
+        &self,
+        pod: &str,
+        mode: &str,
+        ports: &[(u16, &str)],
+        timeout: Duration,
+    ) -> Result<()> {
+        let key = format!("{}/{pod}", self.spec(pod).namespace);
+        let want = serde_json::json!({
+            "mode": mode,
+            "ports": ports.iter().map(|(p, m)| (p.to_string(), Value::String(m.to_string())))
+                .collect::<serde_json::Map<String, Value>>(),
+        });
+        for a in &self.agents {
+            crate::eventually(timeout, Duration::from_millis(50), || {
+                let v: Value = a
+                    .get_json("/debug/policies")
+                    .map_err(|e| format!("{e:#}"))?;
+                let got = &v["mesh"][&key];
+                if *got == want {
+                    Ok(())
+                } else {
+                    Err(format!("mesh[{key:?}] is {got}, want {want}"))
+                }
+            })
+            .map_err(|e| anyhow!("agent {}: {e}", a.options().node))?;
+        }
+        Ok(())
     }
 
     /// Writes `objects` as [`POLICY_FILE`] and waits until every agent has exactly these policies in force.

@@ -743,6 +743,9 @@ fn tls_connect(
     };
     let tcp = TcpStream::connect_timeout(&to, left()).map_err(|e| format!("connect {to}: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    // Writes are small; the bound only keeps a stuck peer from hanging the test.
+    tcp.set_write_timeout(Some(left()))
+        .map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
     let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| format!("tls client: {e}"))?;
     let mut s = rustls::StreamOwned::new(conn, tcp);

@@ -1,5 +1,8 @@
 //! `cargo xtask bench`: the same client and server measured without Sinew, through a Sinew Service VIP, and
-//! through the same VIP with 1,000 `AuthorizationPolicy` objects in force, side by side in one run.
+//! through the same VIP with 1,000 `AuthorizationPolicy` objects in force, side by side in one run (the
+//! single-node group, this file); then, on a second topology, without Sinew, kernel-only and through both node
+//! proxies with mTLS across two nodes (the mesh group, [`mesh`]). `--only single-node|mesh` runs one group; the JSON
+//! report holds the single-node group's fields at the top level and the mesh group's under `mesh`.
 //!
 //! Topology (the `sinew-tests` harness): one node netns with a bridge, pod `client` (namespace `bench-client`,
 //! service account `bench-client`) and pod `server` (running `sinew-testpod echo-server`), the agent attached at
@@ -43,6 +46,8 @@ use sinew_tests::{
 
 use crate::os::{check_interrupt, children_cpu, proc_cpu, sleep_interruptible};
 
+mod mesh;
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Repeats of every measurement per scenario; medians over them are reported.
@@ -61,6 +66,17 @@ pub struct BenchArgs {
     /// Also write the JSON report here (it always goes to target/bench/bench-<unix-ts>.json and latest.json).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Run only one group of scenarios: `single-node` (direct, sinew-vip, the policy scenario) or `mesh` (direct,
+    /// kernel-only and mTLS across two nodes). Default: both, one after the other.
+    #[arg(long, value_enum)]
+    only: Option<Group>,
+}
+
+/// The groups of scenarios `--only` picks from; each builds its own topology.
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Group {
+    SingleNode,
+    Mesh,
 }
 
 const NODE: &str = "node-a";
@@ -245,11 +261,59 @@ fn wait_json(p: Proc, bound: Duration) -> Result<(ProcOutput, Value)> {
 
 pub fn bench(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
     crate::os::install_interrupt_handler()?;
-    // As in the demo: the guards are locals of `run`, so everything is cleaned up when it returns.
-    crate::os::explain_interrupt(run(agent_bin, a))
+    // As in the demo: the guards are locals of `run` and `bench_mesh::run`, so everything is cleaned up when they
+    // return.
+    crate::os::explain_interrupt(run_groups(agent_bin, a))
 }
 
-fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
+/// The single-node group, then the mesh group (or the one `--only` names); one JSON report for both: the
+/// single-node group's fields at the top level (as before the mesh group existed), the mesh group's under `mesh`.
+fn run_groups(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
+    let testpod = crate::demo::preflight(agent_bin)?;
+    let started = sinew_tests::unix_ms() / 1000;
+    let mut report = if a.only == Some(Group::Mesh) {
+        json!({})
+    } else {
+        run(a, &testpod)?
+    };
+    report["version"] = json!(3);
+    report["unix_ts"] = json!(started);
+    report["groups"] = json!(match a.only {
+        Some(Group::SingleNode) => vec!["single-node"],
+        Some(Group::Mesh) => vec!["mesh"],
+        None => vec!["single-node", "mesh"],
+    });
+    if a.only != Some(Group::SingleNode) {
+        if a.only.is_none() {
+            println!("\n=== mesh group: mTLS across two nodes ===\n");
+        }
+        report["mesh"] = mesh::run(a, &testpod)?;
+    }
+    let dir = crate::workspace().join("target").join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    let text = serde_json::to_string_pretty(&report)?;
+    let mut written = vec![
+        dir.join(format!("bench-{started}.json")),
+        dir.join("latest.json"),
+    ];
+    written.extend(a.out.clone());
+    for p in &written {
+        std::fs::write(p, &text).with_context(|| format!("write {}", p.display()))?;
+    }
+    println!(
+        "JSON: {}",
+        written
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// The single-node group; returns its JSON report.
+fn run(a: &BenchArgs, testpod: &Path) -> Result<Value> {
+    let testpod = testpod.to_path_buf();
     let n_policies = a.policies as usize;
     if n_policies > 0 && n_policies < BENCH_POLICIES {
         bail!(
@@ -257,7 +321,6 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
         );
     }
     let with_policies = n_policies > 0;
-    let testpod = crate::demo::preflight(agent_bin)?;
     let started = sinew_tests::unix_ms() / 1000;
     let load_start = loadavg();
 
@@ -791,30 +854,11 @@ fn run(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
         "checks": checks,
         "table": table,
     });
-    let dir = crate::workspace().join("target").join("bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-    let text = serde_json::to_string_pretty(&report)?;
-    let mut written = vec![
-        dir.join(format!("bench-{started}.json")),
-        dir.join("latest.json"),
-    ];
-    written.extend(a.out.clone());
-    for p in &written {
-        std::fs::write(p, &text).with_context(|| format!("write {}", p.display()))?;
-    }
-    println!(
-        "JSON: {}",
-        written
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
     // Agent first (SIGTERM), then the plain cgroup's leftovers, then the topology: uninstall, cgroups, namespaces.
     drop(agent);
     drop(plain);
     drop(topo);
-    Ok(())
+    Ok(report)
 }
 
 fn kind_name(k: Kind) -> &'static str {

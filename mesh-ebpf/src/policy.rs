@@ -257,26 +257,8 @@ pub fn egress(
             bump(counter::UDP_REPLIES);
             return Egress::Allow;
         }
-        let j = Judged {
-            verdict,
-            src: IpSlot {
-                identity: slot.identity,
-                src_class,
-                dst_class: 0,
-                mesh: 0,
-            },
-            dst: d,
-        };
-        // The source address is not chosen yet at connect(): the event carries the pod's identity instead.
-        if !conclude(
-            &st,
-            &j,
-            DIR_EGRESS,
-            proto,
-            ([0; 16], 0),
-            (*dst, port),
-            cookie,
-        ) {
+        let client = (slot.identity, src_class, cookie);
+        if !conclude_egress(&st, verdict, client, &d, proto, (*dst, port)) {
             return Egress::Deny;
         }
     }
@@ -304,29 +286,36 @@ pub fn egress(
     }
     if mode == MTLS_PORT_STRICT {
         // Plaintext to a STRICT port would be dropped at the destination: refuse it now, before any SYN.
-        let j = Judged {
-            verdict: STRICT_VERDICT,
-            src: IpSlot {
-                identity: slot.identity,
-                src_class,
-                dst_class: 0,
-                mesh: 0,
-            },
-            dst: d,
-        };
         bump(counter::STRICT_DENIED);
-        conclude(
-            &st,
-            &j,
-            DIR_EGRESS,
-            proto,
-            ([0; 16], 0),
-            (*dst, port),
-            cookie,
-        );
+        let client = (slot.identity, src_class, cookie);
+        conclude_egress(&st, STRICT_VERDICT, client, &d, proto, (*dst, port));
         return Egress::Deny;
     }
     Egress::Allow
+}
+
+/// [`conclude`] for the client side: `client` is the pod's (identity, source class, netns cookie). The source
+/// address is not chosen yet at connect(), so the event carries the pod's identity instead.
+#[inline(always)]
+fn conclude_egress(
+    st: &PolicyState,
+    verdict: PolicyValue,
+    client: (u32, u32, u64),
+    d: &IpSlot,
+    proto: u8,
+    dst: ([u8; 16], u16),
+) -> bool {
+    let j = Judged {
+        verdict,
+        src: IpSlot {
+            identity: client.0,
+            src_class: client.1,
+            dst_class: 0,
+            mesh: 0,
+        },
+        dst: *d,
+    };
+    conclude(st, &j, DIR_EGRESS, proto, ([0; 16], 0), dst, client.2)
 }
 
 /// The verdict STRICT gives a connection that did not come through the node proxy.

@@ -20,7 +20,7 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::metrics::{Access, Peer, TcpLabels};
+use super::metrics::{Access, Peer};
 use super::{Shared, Slot, identity_of, leaving, tls_reason, tunnel};
 use crate::identity::{SpiffeId, peer_spiffe_id};
 
@@ -274,25 +274,15 @@ async fn serve_stream(
         }
     };
     let mut recv = request.into_body();
-    let labels = [TcpLabels::new(
-        "destination",
-        &access.src,
-        &access.dst,
-        "mutual_tls",
-    )];
-    let mut meters = shared.metrics.connection(&labels);
-    // The TCP side is the server here: what it sends goes to the client.
-    let result = tunnel::tcp_h2(
+    tunnel::carry(
+        &shared,
         &mut server,
-        "server",
+        tunnel::TcpEnd::Server,
         &mut send,
         &mut recv,
-        &mut meters.to_client,
-        &mut meters.to_server,
-        shared.cut(),
+        &access,
     )
     .await;
-    access.finish(&meters, result);
 }
 
 /// Answers a stream with `status` and no body.

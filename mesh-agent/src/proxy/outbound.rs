@@ -164,24 +164,15 @@ async fn handle(
         return;
     }
     let mut recv = response.into_body();
-    let labels = [TcpLabels::new(
-        "source",
-        &access.src,
-        &access.dst,
-        "mutual_tls",
-    )];
-    let mut meters = shared.metrics.connection(&labels);
-    let result = tunnel::tcp_h2(
+    tunnel::carry(
+        &shared,
         &mut tcp,
-        "client",
+        tunnel::TcpEnd::Client,
         &mut send,
         &mut recv,
-        &mut meters.to_server,
-        &mut meters.to_client,
-        shared.cut(),
+        &access,
     )
     .await;
-    access.finish(&meters, result);
 }
 
 /// A `CONNECT` stream for `dst` on a pooled connection to `key`'s node proxy, or a new one. A pooled connection that

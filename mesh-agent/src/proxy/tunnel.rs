@@ -18,7 +18,8 @@ use h2::{Reason, RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::metrics::Meter;
+use super::Shared;
+use super::metrics::{Access, Meter, TcpLabels};
 
 /// How much one read takes off a socket. Allocated per read, only once the socket is readable.
 pub(crate) const CHUNK: usize = 16 * 1024;
@@ -50,6 +51,47 @@ impl fmt::Display for CopyError {
             CopyError::Cut => f.write_str("cut by drain"),
         }
     }
+}
+
+/// Which end of the app connection the TCP side of a tunnel copy is.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TcpEnd {
+    /// The outbound side: the TCP peer is the client, and this proxy reports as the Istio `source`.
+    Client,
+    /// The inbound side: the TCP peer is the server, and this proxy reports as the Istio `destination`.
+    Server,
+}
+
+/// Carries one app connection over an open tunnel stream: counts it under the mTLS Istio metrics as its end's
+/// reporter, copies until it ends, and writes its access record.
+pub(crate) async fn carry(
+    shared: &Shared,
+    tcp: &mut TcpStream,
+    end: TcpEnd,
+    send: &mut SendStream<Bytes>,
+    recv: &mut RecvStream,
+    access: &Access,
+) {
+    let (side, reporter) = match end {
+        TcpEnd::Client => ("client", "source"),
+        TcpEnd::Server => ("server", "destination"),
+    };
+    let labels = [TcpLabels::new(
+        reporter,
+        &access.src,
+        &access.dst,
+        "mutual_tls",
+    )];
+    let mut meters = shared.metrics.connection(&labels);
+    let result = {
+        // What the TCP side sends goes towards the other end.
+        let (from_tcp, to_tcp) = match end {
+            TcpEnd::Client => (&mut meters.to_server, &mut meters.to_client),
+            TcpEnd::Server => (&mut meters.to_client, &mut meters.to_server),
+        };
+        tcp_h2(tcp, side, send, recv, from_tcp, to_tcp, shared.cut()).await
+    };
+    access.finish(&meters, result);
 }
 
 /// Copies between `tcp` and a tunnel stream until both directions have ended, or one fails, or `cut` resolves.

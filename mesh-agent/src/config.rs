@@ -571,4 +571,84 @@ mod tests {
         let e = RunArgs::default().resolve().unwrap_err().to_string();
         assert!(e.starts_with("source-dir:"), "{e}");
     }
+
+    #[test]
+    fn proxy_defaults_and_keys() {
+        let c = args().resolve().unwrap();
+        let p = c.proxy.expect("the proxy is on by default");
+        assert_eq!(p.addr, DEFAULT_PROXY_ADDR);
+        assert_eq!((p.outbound_port, p.inbound_port), (15001, 15008));
+        assert_eq!(p.addr6, None);
+        assert_eq!(c.svid_lifetime, Duration::from_secs(24 * 3600));
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        let f = write(
+            "proxy",
+            "proxy-addr: 169.254.9.9\nproxy-addr6: fd16::1\nsvid-lifetime: 1h30m\nproxy-drain-timeout: 3s\nca-dir: /etc/ca\n",
+        );
+        let c = RunArgs {
+            config: Some(f.clone()),
+            ..args()
+        }
+        .resolve()
+        .unwrap();
+        std::fs::remove_file(f).ok();
+        let p = c.proxy.unwrap();
+        assert_eq!(p.addr, Ipv4Addr::new(169, 254, 9, 9));
+        assert_eq!(p.addr6, Some("fd16::1".parse().unwrap()));
+        assert_eq!(p.drain_timeout, Duration::from_secs(3));
+        assert_eq!(c.svid_lifetime, Duration::from_secs(5400));
+        assert_eq!(c.ca_dir, Some(PathBuf::from("/etc/ca")));
+        let off = RunArgs {
+            proxy: Some(false),
+            ..args()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(off.proxy, None);
+    }
+
+    #[test]
+    fn bad_proxy_values_name_the_field() {
+        let cases: [(RunArgs, &str); 5] = [
+            (
+                RunArgs {
+                    svid_lifetime: Some("1 day".into()),
+                    ..args()
+                },
+                "svid-lifetime",
+            ),
+            (
+                RunArgs {
+                    svid_lifetime: Some("5s".into()),
+                    ..args()
+                },
+                "svid-lifetime",
+            ),
+            (
+                RunArgs {
+                    proxy_inbound_port: Some(15001),
+                    ..args()
+                },
+                "proxy-inbound-port",
+            ),
+            (
+                RunArgs {
+                    proxy_max_streams: Some(0),
+                    ..args()
+                },
+                "proxy-max-streams",
+            ),
+            (
+                RunArgs {
+                    proxy_service_account: Some("Not/An/SA".into()),
+                    ..args()
+                },
+                "proxy-service-account",
+            ),
+        ];
+        for (a, field) in cases {
+            let e = a.resolve().unwrap_err().to_string();
+            assert!(e.starts_with(field), "{field}: {e}");
+        }
+    }
 }

@@ -168,8 +168,8 @@ pub struct LocalSlot {
     pub flags: u32,
 }
 
-/// [`LocalSlot::flags`]: a policy applies to the pod itself, so its UDP peers are recorded (their answers must
-/// get in).
+/// [`LocalSlot::flags`]: a policy applies to the pod itself (for operators reading the map; the programs record
+/// every pod's UDP peers either way).
 pub const LOCAL_POLICED: u32 = 1;
 /// [`LocalSlot::flags`]: the pod is enrolled in the mesh: its TCP connections to enrolled workloads go through
 /// the node proxy.

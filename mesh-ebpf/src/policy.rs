@@ -13,11 +13,11 @@ use mesh_common::{
     PROTO_TCP, PROTO_UDP, is_v4_mapped,
     policy::{
         CLASS_ID_MASK, CLASS_SKIP, DIR_EGRESS, DIR_INGRESS, DST_DEFAULT_DENY, FlowKey, FlowValue,
-        IpSlot, LOCAL_ENROLLED, LOCAL_POLICED, MESH_DISABLE, MESH_ENROLLED, MESH_PORT_MODES,
-        MESH_STRICT, MTLS_PORT_DISABLE, MTLS_PORT_PERMISSIVE, MTLS_PORT_STRICT, MtlsPortKey,
-        PolicyEvent, PolicyKey, PolicyState, PolicyValue, UDP_PEER_ACCEPTED, UDP_PEER_CONNECTED,
-        UDP_PEER_SENT, UDP_PEER_TIMEOUT_NS, UdpPeer, UdpReplyKey, VERDICT_ALLOW, VERDICT_DENY,
-        VERDICT_FLAG_AUDIT, VERDICT_FLAG_STRICT, counter, identity,
+        IpSlot, LOCAL_ENROLLED, MESH_DISABLE, MESH_ENROLLED, MESH_PORT_MODES, MESH_STRICT,
+        MTLS_PORT_DISABLE, MTLS_PORT_PERMISSIVE, MTLS_PORT_STRICT, MtlsPortKey, PolicyEvent,
+        PolicyKey, PolicyState, PolicyValue, UDP_PEER_ACCEPTED, UDP_PEER_CONNECTED, UDP_PEER_SENT,
+        UDP_PEER_TIMEOUT_NS, UdpPeer, UdpReplyKey, VERDICT_ALLOW, VERDICT_DENY, VERDICT_FLAG_AUDIT,
+        VERDICT_FLAG_STRICT, counter, identity,
     },
     v4_mapped,
 };
@@ -216,11 +216,16 @@ pub fn egress(
     let Some(st) = state() else {
         return Egress::Allow;
     };
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if st.enabled == 0 {
+        // UDP peers of pods are recorded even when no policy applies anywhere: a policy set that arrives in the
+        // middle of an exchange must know who started it (see `accepted`).
+        if proto == PROTO_UDP && LOCAL_EPS.get_ptr(&cookie).is_some() {
+            sent_to(ctx, dst, port, connected);
+        }
         return Egress::Allow;
     }
     let epoch = st.epoch & 1;
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(ep) = LOCAL_EPS.get_ptr(&cookie) else {
         return Egress::Allow;
     };
@@ -238,10 +243,10 @@ pub fn egress(
         bump(counter::PROXY_REFUSED);
         return Egress::Deny;
     }
-    // UDP peers are recorded where policy is involved: a pod under policy needs the answers of its peers to get
-    // past its own ingress check, and a peer under policy must not take this socket's later datagrams for answers
-    // to an exchange it started.
-    if proto == PROTO_UDP && (slot.flags & LOCAL_POLICED != 0 || d.dst_class & CLASS_ID_MASK != 0) {
+    // Every UDP peer of a pod is recorded: a pod under policy needs the answers of its peers to get past its own
+    // ingress check, a peer under policy must not take this socket's later datagrams for answers to an exchange it
+    // started, and a policy that arrives later must know who started.
+    if proto == PROTO_UDP {
         sent_to(ctx, dst, port, connected);
     }
     let src_class = if is_v4_mapped(dst) {
@@ -411,14 +416,15 @@ fn is_answer(ctx: &SkBuffContext, p: &Packet) -> bool {
         .is_some_and(|v| unsafe { (*v).initiator == UDP_PEER_SENT && fresh((*v).sent_ns) })
 }
 
-/// Records that the receiving socket accepted a datagram, so that its answers are let through by the client-side
-/// check (see [`is_reply`]). Needed when the sender is under policy (the answer goes to it); always recorded for
-/// a receiver under policy, so that the entry says who started before the receiver answers.
+/// Records that the receiving socket (a pod's) accepted a datagram, so that its answers are let through by the
+/// client-side check (see [`is_reply`]), and so that the entry says who started before the receiver answers.
+///
+/// Recorded for every datagram a pod accepts, with or without policy: if only exchanges under policy were
+/// recorded, a policy applied in the middle of an exchange would take whoever sent first after it for the
+/// starter, and the answer to a datagram sent just before the switch would make the real starter's later datagrams
+/// look like answers, letting a denied flow through for as long as it lasts.
 #[inline(always)]
-fn accepted(ctx: &SkBuffContext, p: &Packet, src: &IpSlot, receiver_policed: bool) {
-    if !receiver_policed && src.dst_class & CLASS_ID_MASK == 0 {
-        return;
-    }
+fn accepted(ctx: &SkBuffContext, p: &Packet) {
     let key = peer_key(
         unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
         &p.saddr,
@@ -524,12 +530,19 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     let Some(st) = state() else {
         return SKB_PASS;
     };
-    if st.enabled == 0 {
-        return SKB_PASS;
-    }
     let Some((proto, l4, v6)) = transport(ctx) else {
         return SKB_PASS;
     };
+    if st.enabled == 0 {
+        // No policy anywhere: only record UDP peers (see `accepted`).
+        if proto == PROTO_UDP
+            && let Some(p) = packet(ctx, proto, l4, v6)
+            && ip_slot(&p.daddr, st.epoch & 1).identity >= identity::FIRST_WORKLOAD
+        {
+            accepted(ctx, &p);
+        }
+        return SKB_PASS;
+    }
     if proto == EXT_HEADERS {
         // Fail closed: a workload under policy does not take IPv6 packets whose ports we cannot see.
         let Some((_, daddr)) = addresses(ctx, v6) else {
@@ -593,8 +606,8 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         }
     }
     if d.dst_class & CLASS_ID_MASK == 0 {
-        if proto == PROTO_UDP {
-            accepted(ctx, &p, &ip_slot(&p.saddr, epoch), false);
+        if proto == PROTO_UDP && d.identity >= identity::FIRST_WORKLOAD {
+            accepted(ctx, &p);
         }
         return SKB_PASS;
     }
@@ -610,7 +623,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
             .is_some_and(|f| unsafe { (*f).generation } == st.generation)
         {
             bump(counter::UDP_FLOW_HITS);
-            accepted(ctx, &p, &ip_slot(&p.saddr, epoch), true);
+            accepted(ctx, &p);
             return SKB_PASS;
         }
     }
@@ -638,7 +651,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         return SKB_DROP;
     }
     if p.proto == PROTO_UDP {
-        accepted(ctx, &p, &s, true);
+        accepted(ctx, &p);
         let v = FlowValue {
             generation: st.generation,
             _pad: 0,

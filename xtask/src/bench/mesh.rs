@@ -1386,8 +1386,11 @@ fn render(
         });
     }
     for c in comparisons {
-        let r = |map: &BTreeMap<&str, f64>, m: &Metric| {
-            map.get(m.key).map_or("-".into(), |r| format!("{r:.3}"))
+        // The agents' CPU per unit is near zero without the proxy: a ratio to it says nothing (the proxy's own cost
+        // is in the proxy block below the tables).
+        let r = |map: &BTreeMap<&str, f64>, m: &Metric| match map.get(m.key) {
+            Some(r) if !m.key.ends_with("_agents_us") => format!("{r:.3}"),
+            _ => "-".into(),
         };
         row(&format!("{} ratio", c.label), &|m| r(&c.ratios, m));
         row(&format!("{} paired", c.label), &|m| r(&c.paired, m));

@@ -2,7 +2,8 @@
 //!
 //! - `setup`: installs every prerequisite, idempotently, saying what it does.
 //! - `test`: setup, build, then every test (unit and privileged netns end-to-end).
-//! - `demo`: setup, build, and a live 3-backend load-balancing demo in network namespaces.
+//! - `demo`: setup, build, and a live demo in network namespaces: load balancing over 3 backends, a policy, and mTLS
+//!   between two nodes.
 //! - `bench`: setup, build, and side-by-side benchmarks in network namespaces.
 
 mod bench;
@@ -35,7 +36,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Setup, build, and run the load-balancing demo in network namespaces (root).
+    /// Setup, build, and run the demo in network namespaces (root): load balancing, policy, mTLS between nodes.
     Demo {
         /// Keep the demo topology up until Ctrl-C, to poke at it with bpftool and curl.
         #[arg(long)]

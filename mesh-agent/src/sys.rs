@@ -259,3 +259,24 @@ pub fn ensure_loopback_addr(addr: std::net::IpAddr) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` on a socket that is about to `bind()` to an address with port 0 and then
+/// `connect()`: the port is then chosen at connect time for the whole 4-tuple, so the same port can serve many
+/// destinations. Without it, bind picks a port no other socket on that address holds, TIME_WAIT ones included,
+/// and a busy proxy runs out of ports after about 28,000 recent connections.
+pub fn bind_address_no_port(socket: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -471,6 +471,8 @@ impl Shared {
             ),
         };
         if let Some(ip) = source {
+            // The port is chosen at connect(), per destination: see `bind_address_no_port`.
+            crate::sys::bind_address_no_port(&socket)?;
             socket.bind(SocketAddr::new(ip, 0))?;
         }
         socket.set_nodelay(true)?;

@@ -149,10 +149,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         // soon, not only at the next resync: until then it is enforced only at its destinations.
         let netns_pending = !last_policy_warnings.is_empty()
             && last_sync.is_some_and(|t| t.elapsed() >= NETNS_RETRY);
-        let due = retry
-            || netns_pending
-            || last_sync.is_none_or(|t| t.elapsed() >= RESYNC)
-            || watcher.changed();
+        let resync = last_sync.is_none_or(|t| t.elapsed() >= RESYNC);
+        if resync && last_sync.is_some() && mesh.is_some() {
+            // After traffic bursts the proxy's freed buffers stay with the allocator; give them back.
+            crate::sys::trim_heap();
+        }
+        let due = retry || netns_pending || resync || watcher.changed();
         if due {
             let (snapshot, errors) = source.load();
             report_errors(&admin_state.metrics, &errors, &mut last_errors);

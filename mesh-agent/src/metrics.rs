@@ -303,13 +303,7 @@ impl Collector for PolicyKernelCounters {
                 c.proxy_refused,
             ),
         ] {
-            let family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            ConstCounter::new(v).encode(family)?;
+            encode_counter(&mut encoder, name, help, v)?;
         }
         Ok(())
     }
@@ -370,13 +364,7 @@ impl Collector for CertCollector {
                 c.issuance_failures,
             ),
         ] {
-            let family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            ConstCounter::new(v).encode(family)?;
+            encode_counter(&mut encoder, name, help, v)?;
         }
         let mut family = encoder.encode_descriptor(
             "sinew_certificate_expires_in_seconds",
@@ -394,4 +382,20 @@ impl Collector for CertCollector {
         }
         Ok(())
     }
+}
+
+/// One unlabelled counter read at scrape time.
+fn encode_counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    ConstCounter::new(value).encode(family)
 }

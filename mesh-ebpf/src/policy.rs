@@ -323,6 +323,31 @@ fn conclude_egress(
     conclude(st, &j, DIR_EGRESS, proto, ([0; 16], 0), dst, client.2)
 }
 
+/// [`conclude`] for the server side: the packet carries both addresses and ports.
+#[inline(always)]
+fn conclude_ingress(
+    st: &PolicyState,
+    verdict: PolicyValue,
+    s: &IpSlot,
+    d: &IpSlot,
+    p: &Packet,
+) -> bool {
+    let j = Judged {
+        verdict,
+        src: *s,
+        dst: *d,
+    };
+    conclude(
+        st,
+        &j,
+        DIR_INGRESS,
+        p.proto,
+        (p.saddr, p.sport),
+        (p.daddr, p.dport),
+        0,
+    )
+}
+
 /// The verdict STRICT gives a connection that did not come through the node proxy.
 const STRICT_VERDICT: PolicyValue = PolicyValue {
     verdict: VERDICT_DENY,
@@ -588,20 +613,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         }
         if port_mode(&d, &p.daddr, p.dport, epoch) == MTLS_PORT_STRICT {
             bump(counter::STRICT_DENIED);
-            let j = Judged {
-                verdict: STRICT_VERDICT,
-                src: s,
-                dst: d,
-            };
-            conclude(
-                &st,
-                &j,
-                DIR_INGRESS,
-                p.proto,
-                (p.saddr, p.sport),
-                (p.daddr, p.dport),
-                0,
-            );
+            conclude_ingress(&st, STRICT_VERDICT, &s, &d, &p);
             return SKB_DROP;
         }
     }
@@ -633,21 +645,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         bump(counter::UDP_REPLIES);
         return SKB_PASS;
     }
-    let j = Judged {
-        verdict,
-        src: s,
-        dst: d,
-    };
-    let allowed = conclude(
-        &st,
-        &j,
-        DIR_INGRESS,
-        p.proto,
-        (p.saddr, p.sport),
-        (p.daddr, p.dport),
-        0,
-    );
-    if !allowed {
+    if !conclude_ingress(&st, verdict, &s, &d, &p) {
         return SKB_DROP;
     }
     if p.proto == PROTO_UDP {

@@ -135,6 +135,9 @@ pub fn check(v: &Value) -> String {
         "  kernel tables in force say: {}",
         s(&v["kernel_verdict"])
     );
+    if let Some(m) = v["mtls"].as_str() {
+        let _ = writeln!(out, "  mesh: {m}");
+    }
     out
 }
 

@@ -19,6 +19,7 @@ use super::{AuthorizationPolicy, validate};
 use crate::ebpf::policy::{EventLimits, PolicyChanges, PolicyCounters, PolicyMaps, ProxyRedirect};
 use crate::ebpf::reconcile::{bytes_addr, proto_name};
 use crate::k8s::Pod;
+use crate::peerauth::MtlsMode;
 use crate::source::SourceError;
 
 /// How many recent verdicts `/debug/flows` keeps.
@@ -192,6 +193,9 @@ pub struct CheckResult {
     pub kernel_verdict: &'static str,
     /// How the deciding rule is enforced.
     pub enforcement: Option<String>,
+    /// The mesh's part, when the destination is enrolled (TCP): the port's mTLS mode and what it means for this
+    /// source.
+    pub mtls: Option<String>,
 }
 
 pub fn status_word(s: &RuleStatus) -> (&'static str, Option<String>) {
@@ -753,6 +757,35 @@ impl PolicyPlane {
             (Some(d), None) => c.kernel_verdict(d.dst_class, 0, port),
             _ => c.kernel_verdict(0, 0, port),
         };
+        let mtls = f
+            .compiled
+            .enrolled
+            .get(&dst.metadata.key())
+            .filter(|_| !udp)
+            .map(|e| {
+                let mode = e.ports.get(&port).copied().unwrap_or(e.mode);
+                // Whether the source is an enrolled pod: its connection then goes through the node proxies.
+                let source_enrolled = self
+                    .pod_by_ip(source_ip)
+                    .is_some_and(|p| f.compiled.enrolled.contains_key(&p.metadata.key()));
+                let meaning = match (mode, source_enrolled) {
+                    (MtlsMode::Disable, _) => {
+                        "not carried by the node proxies: plaintext, judged in the kernel by address"
+                    }
+                    (_, true) => {
+                        "this source is enrolled: its connection goes through the node proxies (mTLS between \
+                         nodes), and the destination's proxy applies this verdict with its SPIFFE identity"
+                    }
+                    (MtlsMode::Strict, false) => {
+                        "REFUSED whatever the policy says: this source is not enrolled, so it would connect in \
+                         plaintext, and a STRICT port takes only the node proxy"
+                    }
+                    (MtlsMode::Permissive, false) => {
+                        "this source is not enrolled: plaintext, judged in the kernel by address"
+                    }
+                };
+                format!("{} is enrolled, port {port} is {mode}: {meaning}", dst.metadata.key())
+            });
         let enforcement = v.deciding.as_ref().and_then(|d| {
             let p = f.policies.iter().find(|p| p.key() == d.policy)?;
             let (word, reason) = status_word(&eval::rule_status(p, d.rule_index));
@@ -785,6 +818,7 @@ impl PolicyPlane {
                 "allow"
             },
             enforcement,
+            mtls,
         })
     }
 }

@@ -60,6 +60,24 @@ pub use process::{Proc, ProcOutput};
 pub use topology::{Node, Pod, Topology, TopologyBuilder};
 pub use util::{eventually, unix_ms, workspace_root};
 
+/// Adds every node of `nodes` to `b` with its pods, each pod in the namespace `name_ns` gives for it (its name
+/// first): the mesh and policy fixtures lay out their nodes alike.
+pub(crate) fn add_nodes<P>(
+    mut b: TopologyBuilder,
+    nodes: &[(&str, Vec<P>)],
+    name_ns: impl Fn(&P) -> (&str, &str),
+) -> TopologyBuilder {
+    for (node, pods) in nodes {
+        let names: Vec<&str> = pods.iter().map(|p| name_ns(p).0).collect();
+        b = b.node(node, &names);
+        for p in pods {
+            let (name, ns) = name_ns(p);
+            b = b.pod_namespace(name, ns);
+        }
+    }
+    b
+}
+
 /// The `sinew-testpod` binary built for this test crate. Only usable from integration tests, benches and binaries
 /// of this package (Cargo sets `CARGO_BIN_EXE_*` there); other crates use [`default_testpod_bin`].
 #[macro_export]

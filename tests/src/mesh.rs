@@ -227,14 +227,11 @@ impl MeshFixture {
         nodes: &[(&str, Vec<MeshPod>)],
         opts: &MeshOptions,
     ) -> Result<MeshFixture> {
-        let mut b = Topology::builder(name).testpod_bin(testpod_bin);
-        for (node, pods) in nodes {
-            let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
-            b = b.node(node, &names);
-            for p in pods {
-                b = b.pod_namespace(&p.name, &p.namespace);
-            }
-        }
+        let b = crate::add_nodes(
+            Topology::builder(name).testpod_bin(testpod_bin),
+            nodes,
+            |p| (&p.name, &p.namespace),
+        );
         let topo = b.build()?;
         let source = topo.source_dir()?;
         let ca_dir = topo.work_dir().join("ca");

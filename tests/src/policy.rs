@@ -642,16 +642,13 @@ impl PolicyFixture {
         extra_files: &[(&str, Vec<Value>)],
         opts: &FixtureOptions,
     ) -> Result<PolicyFixture> {
-        let mut b = crate::Topology::builder(name)
-            .testpod_bin(testpod_bin)
-            .ipv6(opts.ipv6);
-        for (node, pods) in nodes {
-            let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
-            b = b.node(node, &names);
-            for p in pods {
-                b = b.pod_namespace(&p.name, &p.namespace);
-            }
-        }
+        let b = crate::add_nodes(
+            crate::Topology::builder(name)
+                .testpod_bin(testpod_bin)
+                .ipv6(opts.ipv6),
+            nodes,
+            |p| (&p.name, &p.namespace),
+        );
         let topo = b.build()?;
         let source = topo.source_dir()?;
         let mut workloads = Vec::new();

@@ -23,6 +23,9 @@ use sinew_tests::mesh::{
 use sinew_tests::testpod::{PROBE_EACCES, PROBE_OK, PROBE_TIMEOUT};
 use sinew_tests::{Metrics, eventually, require_privileged, testpod_bin, unix_ms};
 
+mod common;
+use common::series_like;
+
 const VIP: &str = "10.96.0.10";
 
 // Metric names (see mesh-agent/src/proxy/metrics.rs and mesh-agent/src/metrics.rs).
@@ -72,17 +75,6 @@ fn universe(
 
 fn tcp(ip: impl std::fmt::Display, port: u16) -> String {
     format!("tcp:{ip}:{port}")
-}
-
-/// For failure messages: the series whose name contains `part`.
-fn series_like(m: &Metrics, part: &str) -> String {
-    let found: Vec<String> = m
-        .samples
-        .iter()
-        .filter(|s| s.name.contains(part))
-        .map(|s| format!("{}{:?}={}", s.name, s.labels, s.value))
-        .collect();
-    format!("series named like {part:?}: {found:#?}")
 }
 
 /// One probe that must give `want` now.

@@ -22,6 +22,9 @@ use sinew_tests::policy::{
 use sinew_tests::testpod::{PROBE_EACCES, PROBE_OK};
 use sinew_tests::{Metrics, eventually, require_privileged, testpod_bin};
 
+mod common;
+use common::series_like;
+
 const PORTS: [u16; 2] = [8080, 8081];
 const SRCS: [&str; 4] = ["web", "api", "cli", "outsider"];
 const DSTS: [&str; 3] = ["web", "api", "cli"];
@@ -70,16 +73,6 @@ fn metrics(f: &PolicyFixture, i: usize) -> Metrics {
 
 fn denials(m: &Metrics, direction: &str) -> f64 {
     m.value("sinew_policy_denials_total", &[("direction", direction)])
-}
-
-fn series_like(m: &Metrics, part: &str) -> String {
-    let found: Vec<String> = m
-        .samples
-        .iter()
-        .filter(|s| s.name.contains(part))
-        .map(|s| format!("{}{:?}={}", s.name, s.labels, s.value))
-        .collect();
-    format!("series named like {part:?}: {found:?}")
 }
 
 /// Every (src, dst) of the universe on `port` with the same verdict `allow`, except the given overrides.

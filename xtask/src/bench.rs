@@ -46,6 +46,23 @@ use sinew_tests::{
 
 use crate::os::{check_interrupt, children_cpu, proc_cpu, sleep_interruptible};
 
+/// [`Measured`] for a run type with `repeat`, `scenario` and `metrics` fields (both groups' `Run`).
+macro_rules! measured {
+    ($run:ty) => {
+        impl $crate::bench::Measured for $run {
+            fn repeat(&self) -> u32 {
+                self.repeat
+            }
+            fn scenario(&self) -> &str {
+                self.scenario
+            }
+            fn metrics(&self) -> &BTreeMap<&'static str, f64> {
+                &self.metrics
+            }
+        }
+    };
+}
+
 mod mesh;
 
 #[derive(clap::Args)]
@@ -112,7 +129,7 @@ const POLICIES_PER_NS: usize = 10;
 const REPLICAS: usize = 3;
 /// How long the agent may take to put the policy set in force or take it out.
 const POLICY_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long to wait for the agent to go idle after a policy switch.
+/// How long to wait for the agent to go idle after a policy switch (and, in the mesh group, for both agents before a run).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The programs whose kernel run-time statistics are taken around every run.
 const PROGRAMS: [&str; 2] = ["connect4", "policy_ingress"];
@@ -225,10 +242,110 @@ struct Clients {
 impl Clients {
     /// Starts `sinew-testpod <args>` in the client pod's netns and in `cgroup`.
     fn spawn(&self, label: &str, cgroup: &Path, args: &[String]) -> Result<Proc> {
-        let mut cmd = Command::new(&self.testpod);
-        cmd.args(args);
-        sinew_tests::sys::enter_pod(&mut cmd, &cgroup.join("cgroup.procs"), &self.netns)?;
-        Proc::spawn(label, cmd, &self.log_dir)
+        spawn_client(
+            &self.testpod,
+            cgroup,
+            &self.netns,
+            &self.log_dir,
+            label,
+            args,
+        )
+    }
+}
+
+/// Starts `testpod <args>` in the pod netns `netns` and in `cgroup`, its output logged under `log_dir`.
+fn spawn_client(
+    testpod: &Path,
+    cgroup: &Path,
+    netns: &Path,
+    log_dir: &Path,
+    label: &str,
+    args: &[String],
+) -> Result<Proc> {
+    let mut cmd = Command::new(testpod);
+    cmd.args(args);
+    sinew_tests::sys::enter_pod(&mut cmd, &cgroup.join("cgroup.procs"), netns)?;
+    Proc::spawn(label, cmd, log_dir)
+}
+
+/// Waits for every client of a run, each bounded by `bound`, and returns what each printed.
+fn wait_all(procs: Vec<Proc>, bound: Duration) -> Result<Vec<Value>> {
+    let mut outs = Vec::new();
+    for p in procs {
+        // Only these children are reaped in between, so the rusage difference is exactly their CPU time.
+        let r = wait_json(p, bound);
+        check_interrupt()?;
+        outs.push(r?.1);
+    }
+    Ok(outs)
+}
+
+/// The arguments of a `rr` or `crr` client run (`cap_flag`: its cap on requests or connections) to `target`.
+fn load_args(sub: &str, cap_flag: &str, target: &str, duration_ms: u64) -> Vec<String> {
+    [
+        sub,
+        "--to",
+        target,
+        "--size",
+        &SIZE.to_string(),
+        "--duration-ms",
+        &duration_ms.to_string(),
+        cap_flag,
+        // The tool's own hard cap: the run is bounded by the duration, this only bounds a runaway.
+        "1000000",
+        "--timeout-ms",
+        &IO_TIMEOUT_MS.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The `crr` metrics of a run whose clients used `cpu_us` of CPU; failed connections go to `problems`.
+fn crr_metrics(
+    out: &Value,
+    cpu_us: f64,
+    metrics: &mut BTreeMap<&'static str, f64>,
+    problems: &mut Vec<String>,
+) -> Result<CrrReport> {
+    let r: CrrReport = serde_json::from_value(out.clone())?;
+    if r.failed > 0 {
+        problems.push(format!("{} failed connections: {:?}", r.failed, r.errors));
+    }
+    if r.connections > 0 {
+        metrics.insert("crr_cps", r.conns_per_sec);
+        metrics.insert("crr_p50_us", r.p50_us);
+        metrics.insert("crr_cpu_us", cpu_us / r.connections as f64);
+    }
+    Ok(r)
+}
+
+/// `net.ipv4.tcp_tw_reuse=1` in the netns `ns`.
+fn tcp_tw_reuse(ns: &str) -> Result<()> {
+    sinew_tests::util::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.tcp_tw_reuse=1",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Destroys the TIME_WAIT sockets in the netns `ns` (`ss -K`); the first failure `warned` sees is noted.
+fn flush_time_wait_in(ns: &str, warned: &std::sync::Once) {
+    let r = sinew_tests::util::run(
+        "ip",
+        &["netns", "exec", ns, "ss", "-K", "-t", "state", "time-wait"],
+    );
+    if let Err(e) = r {
+        warned.call_once(|| {
+            eprintln!("  note: could not flush TIME_WAIT sockets ({e:#}); runs continue without")
+        });
     }
 }
 
@@ -344,18 +461,7 @@ fn run(a: &BenchArgs, testpod: &Path) -> Result<Value> {
     for ns in [client.netns_name(), server.netns_name()] {
         // New connection per request piles up TIME_WAIT sockets on the client; without reuse the crr runs stall
         // on port allocation and turn bimodal. Same setting for every scenario.
-        sinew_tests::util::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.tcp_tw_reuse=1",
-            ],
-        )?;
+        tcp_tw_reuse(ns)?;
     }
     let mut srv = start_server(&server)?;
 
@@ -664,51 +770,17 @@ fn run(a: &BenchArgs, testpod: &Path) -> Result<Value> {
     drop(srv);
 
     // Medians, spreads, ratios, target checks.
-    let mut medians: BTreeMap<&str, BTreeMap<&str, f64>> = BTreeMap::new();
-    let mut spreads: BTreeMap<&str, BTreeMap<&str, f64>> = BTreeMap::new();
-    for s in &scenarios {
-        for mt in METRICS {
-            let vals: Vec<f64> = runs
-                .iter()
-                .filter(|r| r.scenario == s.name)
-                .filter_map(|r| r.metrics.get(mt.key).copied())
-                .collect();
-            if let Some(med) = median(&vals) {
-                medians.entry(s.name).or_default().insert(mt.key, med);
-                let (lo, hi) = vals
-                    .iter()
-                    .fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
-                let spread = if med != 0.0 { (hi - lo) / med } else { 0.0 };
-                spreads.entry(s.name).or_default().insert(mt.key, spread);
-            }
-        }
-    }
-    let mut comparisons = vec![compare(
-        "vip/direct",
-        DIRECT,
-        SINEW_VIP,
-        &medians,
-        &runs,
-        a.repeats,
-    )];
+    let all: Vec<&Metric> = METRICS.iter().collect();
+    let (medians, spreads) = medians_and_spreads(&names, &all, &runs);
+    let mut pairs = vec![("vip/direct", DIRECT, SINEW_VIP)];
     if with_policies {
-        comparisons.push(compare(
-            "pol/vip",
-            SINEW_VIP,
-            policy_name,
-            &medians,
-            &runs,
-            a.repeats,
-        ));
-        comparisons.push(compare(
-            "pol/direct",
-            DIRECT,
-            policy_name,
-            &medians,
-            &runs,
-            a.repeats,
-        ));
+        pairs.push(("pol/vip", SINEW_VIP, policy_name));
+        pairs.push(("pol/direct", DIRECT, policy_name));
     }
+    let comparisons: Vec<Comparison> = pairs
+        .into_iter()
+        .map(|(label, x, y)| compare(label, x, y, &all, &medians, &runs, a.repeats))
+        .collect();
     let summary = Summary {
         medians: &medians,
         comparisons: &comparisons,
@@ -1025,33 +1097,14 @@ fn measure(
     repeat: u32,
     watch: &Watch,
 ) -> Result<Run> {
-    let d = duration_ms.to_string();
-    let base = |sub: &str, cap_flag: &str| -> Vec<String> {
-        [
-            sub,
-            "--to",
-            &s.target,
-            "--size",
-            &SIZE.to_string(),
-            "--duration-ms",
-            &d,
-            cap_flag,
-            // The tool's own hard cap: the run is bounded by the duration, this only bounds a runaway.
-            "1000000",
-            "--timeout-ms",
-            &IO_TIMEOUT_MS.to_string(),
-        ]
-        .map(String::from)
-        .to_vec()
-    };
     let bound = Duration::from_millis(duration_ms + 3 * IO_TIMEOUT_MS) + Duration::from_secs(10);
     let n = match kind {
         Kind::RrN => conns.max(1),
         _ => 1,
     };
     let args = match kind {
-        Kind::Crr => base("crr", "--max"),
-        _ => base("rr", "--max-requests"),
+        Kind::Crr => load_args("crr", "--max", &s.target, duration_ms),
+        _ => load_args("rr", "--max-requests", &s.target, duration_ms),
     };
     // Every run starts without the previous runs' TIME_WAIT sockets (tens of thousands after a few crr runs, all
     // to the same server ip:port in every scenario, since Sinew rewrites to exactly the direct destination), so
@@ -1068,13 +1121,7 @@ fn measure(
             )
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut outs = Vec::new();
-    for p in procs {
-        // Only these children are reaped in between, so the rusage difference is exactly their CPU time.
-        let r = wait_json(p, bound);
-        check_interrupt()?;
-        outs.push(r?.1);
-    }
+    let outs = wait_all(procs, bound)?;
     let cpu_us = (children_cpu() - cpu0).as_secs_f64() * 1e6;
     let (progs1, agent1) = watch.snapshot();
     let programs = progs1
@@ -1129,15 +1176,7 @@ fn measure(
             }
         }
         Kind::Crr => {
-            let r: CrrReport = serde_json::from_value(outs[0].clone())?;
-            if r.failed > 0 {
-                problems.push(format!("{} failed connections: {:?}", r.failed, r.errors));
-            }
-            if r.connections > 0 {
-                metrics.insert("crr_cps", r.conns_per_sec);
-                metrics.insert("crr_p50_us", r.p50_us);
-                metrics.insert("crr_cpu_us", cpu_us / r.connections as f64);
-            }
+            crr_metrics(&outs[0], cpu_us, &mut metrics, &mut problems)?;
         }
     }
     let connects = connects_made(kind, &outs);
@@ -1234,25 +1273,8 @@ fn render_programs(
 }
 
 fn flush_time_wait(clients: &Clients) {
-    let r = sinew_tests::util::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &clients.netns_name,
-            "ss",
-            "-K",
-            "-t",
-            "state",
-            "time-wait",
-        ],
-    );
-    if let Err(e) = r {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        WARNED.call_once(|| {
-            eprintln!("  note: could not flush TIME_WAIT sockets ({e:#}); runs continue without")
-        });
-    }
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    flush_time_wait_in(&clients.netns_name, &WARNED);
 }
 
 /// Connects a run made (each one passes Sinew's connect4 once in the VIP scenarios, failed or not).
@@ -1811,18 +1833,21 @@ struct Comparison {
     within: BTreeMap<&'static str, bool>,
 }
 
-fn compare(
+/// Scenario `b` against scenario `a` over `metrics`: ratios of medians, medians of per-repeat ratios, and the 3%
+/// verdicts.
+fn compare<R: Measured>(
     label: &'static str,
     a: &'static str,
     b: &'static str,
+    metrics: &[&Metric],
     medians: &BTreeMap<&str, BTreeMap<&str, f64>>,
-    runs: &[Run],
+    runs: &[R],
     repeats: u32,
 ) -> Comparison {
     let mut ratios = BTreeMap::new();
     let mut within = BTreeMap::new();
     let mut paired = BTreeMap::new();
-    for mt in METRICS {
+    for mt in metrics {
         let ma = medians.get(a).and_then(|m| m.get(mt.key));
         let mb = medians.get(b).and_then(|m| m.get(mt.key));
         if let (Some(x), Some(y)) = (ma, mb)
@@ -1840,17 +1865,12 @@ fn compare(
         // Per-repeat ratios, then their median: a load change on the shared machine between repeats then hits both
         // sides of a ratio instead of one side of the medians.
         let per_repeat: Vec<f64> = (0..repeats)
-            .filter_map(|rep| {
-                let get = |name: &str| {
-                    runs.iter()
-                        .filter(|r| r.repeat == rep && r.scenario == name)
-                        .find_map(|r| r.metrics.get(mt.key).copied())
-                };
-                match (get(a), get(b)) {
+            .filter_map(
+                |rep| match (value(runs, rep, a, mt.key), value(runs, rep, b, mt.key)) {
                     (Some(x), Some(y)) if x != 0.0 => Some(y / x),
                     _ => None,
-                }
-            })
+                },
+            )
             .collect();
         if let Some(m) = median(&per_repeat) {
             paired.insert(mt.key, m);
@@ -1864,6 +1884,110 @@ fn compare(
         paired,
         within,
     }
+}
+
+/// What the statistics read of a measured run, in either group.
+trait Measured {
+    fn repeat(&self) -> u32;
+    fn scenario(&self) -> &str;
+    fn metrics(&self) -> &BTreeMap<&'static str, f64>;
+}
+
+measured!(Run);
+
+/// Metric `key` of scenario `s` in repeat `rep`.
+fn value<R: Measured>(runs: &[R], rep: u32, s: &str, key: &str) -> Option<f64> {
+    runs.iter()
+        .filter(|r| r.repeat() == rep && r.scenario() == s)
+        .find_map(|r| r.metrics().get(key).copied())
+}
+
+/// Values by scenario and metric key.
+type ByScenario<'a> = BTreeMap<&'a str, BTreeMap<&'static str, f64>>;
+
+/// Per scenario of `names` and metric of `metrics`: the median over the runs, and the spread ((max - min) / median).
+fn medians_and_spreads<'a, R: Measured>(
+    names: &[&'a str],
+    metrics: &[&Metric],
+    runs: &[R],
+) -> (ByScenario<'a>, ByScenario<'a>) {
+    let mut medians: ByScenario = BTreeMap::new();
+    let mut spreads: ByScenario = BTreeMap::new();
+    for s in names {
+        for mt in metrics {
+            let vals: Vec<f64> = runs
+                .iter()
+                .filter(|r| r.scenario() == *s)
+                .filter_map(|r| r.metrics().get(mt.key).copied())
+                .collect();
+            if let Some(med) = median(&vals) {
+                medians.entry(s).or_default().insert(mt.key, med);
+                let (lo, hi) = vals
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
+                let spread = if med != 0.0 { (hi - lo) / med } else { 0.0 };
+                spreads.entry(s).or_default().insert(mt.key, spread);
+            }
+        }
+    }
+    (medians, spreads)
+}
+
+/// One row of a table: its label and how it fills a metric's cell.
+type Row<'a> = (String, Box<dyn Fn(&Metric) -> String + 'a>);
+
+/// A table of `cols`: the median of every scenario of `names`, the `rows` given, then the spread of every
+/// scenario; the label column as wide as the longest label, at least `min_label`.
+fn render_grid(
+    names: &[&str],
+    cols: &[&Metric],
+    medians: &BTreeMap<&str, BTreeMap<&str, f64>>,
+    spreads: &BTreeMap<&str, BTreeMap<&str, f64>>,
+    rows: &[Row],
+    min_label: usize,
+) -> String {
+    let w0 = names
+        .iter()
+        .map(|s| "spread ".len() + s.len())
+        .chain(rows.iter().map(|(label, _)| label.len()))
+        .max()
+        .unwrap_or(16)
+        .max(min_label);
+    let width = |m: &Metric| m.column.len().max(9);
+    let mut out = String::new();
+    let mut row = |label: &str, cell: &dyn Fn(&Metric) -> String| {
+        out.push_str(&format!("{label:<w0$}"));
+        for m in cols {
+            out.push_str(&format!(" {:>w$}", cell(m), w = width(m)));
+        }
+        out.push('\n');
+    };
+    row("median", &|m| m.column.to_string());
+    for s in names {
+        row(s, &|m| {
+            medians
+                .get(s)
+                .and_then(|x| x.get(m.key))
+                .map_or("-".into(), |v| fmt_val(m.key, *v))
+        });
+    }
+    for (label, cell) in rows {
+        row(label, cell);
+    }
+    for s in names {
+        row(&format!("spread {s}"), &|m| {
+            spreads
+                .get(s)
+                .and_then(|x| x.get(m.key))
+                .map_or("-".into(), |v| format!("{:.1}%", v * 100.0))
+        });
+    }
+    out
+}
+
+/// A ratio's cell: three decimals, `-` where there is none.
+fn ratio_cell(ratios: &BTreeMap<&str, f64>, m: &Metric) -> String {
+    ratios.get(m.key).map_or("-".into(), |r| format!("{r:.3}"))
 }
 
 /// What the table shows.
@@ -1885,61 +2009,28 @@ fn render_table(scenarios: &[Scenario], sum: &Summary) -> String {
         .iter()
         .filter(|m| medians.values().any(|x| x.contains_key(m.key)))
         .collect();
-    let w0 = scenarios
-        .iter()
-        .map(|s| "spread ".len() + s.name.len())
-        .chain(
-            comparisons
-                .iter()
-                .map(|c| c.label.len() + " within 3%".len()),
-        )
-        .max()
-        .unwrap_or(16)
-        .max(16);
-    let width = |m: &Metric| m.column.len().max(9);
-    let mut out = String::new();
-    let mut row = |label: &str, cell: &dyn Fn(&Metric) -> String| {
-        out.push_str(&format!("{label:<w0$}"));
-        for m in &cols {
-            out.push_str(&format!(" {:>w$}", cell(m), w = width(m)));
-        }
-        out.push('\n');
-    };
-    row("median", &|m| m.column.to_string());
-    for s in scenarios {
-        row(s.name, &|m| {
-            medians
-                .get(s.name)
-                .and_then(|x| x.get(m.key))
-                .map_or("-".into(), |v| fmt_val(m.key, *v))
-        });
-    }
+    let names: Vec<&str> = scenarios.iter().map(|s| s.name).collect();
+    let mut rows: Vec<Row> = Vec::new();
     for c in comparisons.iter() {
-        row(&format!("{} ratio", c.label), &|m| {
-            c.ratios
-                .get(m.key)
-                .map_or("-".into(), |r| format!("{r:.3}"))
-        });
-        row(&format!("{} paired", c.label), &|m| {
-            c.paired
-                .get(m.key)
-                .map_or("-".into(), |r| format!("{r:.3}"))
-        });
-        row(&format!("{} within 3%", c.label), &|m| {
-            c.within
-                .get(m.key)
-                .map_or("-", |ok| if *ok { "yes" } else { "no" })
-                .to_string()
-        });
+        rows.push((
+            format!("{} ratio", c.label),
+            Box::new(|m| ratio_cell(&c.ratios, m)),
+        ));
+        rows.push((
+            format!("{} paired", c.label),
+            Box::new(|m| ratio_cell(&c.paired, m)),
+        ));
+        rows.push((
+            format!("{} within 3%", c.label),
+            Box::new(|m| {
+                c.within
+                    .get(m.key)
+                    .map_or("-", |ok| if *ok { "yes" } else { "no" })
+                    .to_string()
+            }),
+        ));
     }
-    for s in scenarios {
-        row(&format!("spread {}", s.name), &|m| {
-            spreads
-                .get(s.name)
-                .and_then(|x| x.get(m.key))
-                .map_or("-".into(), |v| format!("{:.1}%", v * 100.0))
-        });
-    }
+    let mut out = render_grid(&names, &cols, medians, spreads, &rows, 16);
     out.push_str(
         "\nrr: 1 connection, 1 KiB request -> 1 KiB response, latency in µs; rrN: N connections in parallel (one \
          client process each), total req/s;\ncrr: new connection per request (connect, 1 KiB each way, close); \

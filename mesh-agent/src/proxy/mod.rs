@@ -310,21 +310,28 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(1024).map_err(named)
 }
 
+/// The accessors [`ProxyHandle`] and [`ProxyThread`] share: both read the proxy's [`Shared`] state.
+macro_rules! shared_accessors {
+    () => {
+        /// The bound outbound listener addresses, in the order configured.
+        pub fn outbound_addrs(&self) -> &[SocketAddr] {
+            &self.shared.outbound_addrs
+        }
+
+        /// The bound tunnel listener address.
+        pub fn inbound_addr(&self) -> SocketAddr {
+            self.shared.inbound_addr
+        }
+
+        /// App connections open right now (outbound connections plus inbound streams).
+        pub fn active(&self) -> usize {
+            self.shared.active()
+        }
+    };
+}
+
 impl ProxyHandle {
-    /// The bound outbound listener addresses, in the order configured.
-    pub fn outbound_addrs(&self) -> &[SocketAddr] {
-        &self.shared.outbound_addrs
-    }
-
-    /// The bound tunnel listener address.
-    pub fn inbound_addr(&self) -> SocketAddr {
-        self.shared.inbound_addr
-    }
-
-    /// App connections open right now (outbound connections plus inbound streams).
-    pub fn active(&self) -> usize {
-        self.shared.active()
-    }
+    shared_accessors!();
 
     /// Stops accepting (closes the listeners), sends GOAWAY on tunnel connections, waits up to `drain_timeout` for
     /// open app connections to finish, then aborts the rest. Returns how many were cut.
@@ -364,20 +371,7 @@ impl Drop for ProxyHandle {
 }
 
 impl ProxyThread {
-    /// The bound outbound listener addresses.
-    pub fn outbound_addrs(&self) -> &[SocketAddr] {
-        &self.shared.outbound_addrs
-    }
-
-    /// The bound tunnel listener address.
-    pub fn inbound_addr(&self) -> SocketAddr {
-        self.shared.inbound_addr
-    }
-
-    /// App connections open right now.
-    pub fn active(&self) -> usize {
-        self.shared.active()
-    }
+    shared_accessors!();
 
     /// Starts the drain ([`ProxyHandle::drain`]) without waiting for it.
     pub fn request_drain(&mut self) {

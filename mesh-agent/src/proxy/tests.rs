@@ -220,6 +220,18 @@ fn pair(
     (a, b)
 }
 
+/// A cluster and its two nodes, both with the test configuration.
+fn default_pair() -> (Cluster, Node, Node) {
+    let cluster = Cluster::new();
+    let (a, b) = pair(&cluster, |_| {}, |_| {});
+    (cluster, a, b)
+}
+
+/// Waits until neither node has an app connection open.
+async fn both_closed(what: &str, a: &Node, b: &Node) {
+    eventually(what, || a.handle.active() == 0 && b.handle.active() == 0).await;
+}
+
 fn text(registry: &Registry) -> String {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
@@ -489,10 +501,7 @@ async fn tunnel_carries_bytes_and_half_closes() {
         assert!(rest == late, "the server got {} bytes", rest.len());
 
         assert_eq!(echo.accepted.load(Ordering::SeqCst), 1);
-        eventually("both connections closed", || {
-            a.handle.active() == 0 && b.handle.active() == 0
-        })
-        .await;
+        both_closed("both connections closed", &a, &b).await;
     })
     .await;
 }
@@ -501,8 +510,7 @@ async fn tunnel_carries_bytes_and_half_closes() {
 #[tokio::test]
 async fn resets_propagate_through_the_tunnel() {
     bounded(async {
-        let cluster = Cluster::new();
-        let (a, b) = pair(&cluster, |_| {}, |_| {});
+        let (_cluster, a, b) = default_pair();
         // Reports how its read ended: data, EOF, or an error kind.
         let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
         let observer = server("127.0.0.1", move |mut s| {
@@ -548,10 +556,7 @@ async fn resets_propagate_through_the_tunnel() {
             outcome.map_err(|e| e.kind()).err(),
             Some(std::io::ErrorKind::ConnectionReset)
         );
-        eventually("both sides closed", || {
-            a.handle.active() == 0 && b.handle.active() == 0
-        })
-        .await;
+        both_closed("both sides closed", &a, &b).await;
     })
     .await;
 }
@@ -561,8 +566,7 @@ async fn resets_propagate_through_the_tunnel() {
 #[tokio::test]
 async fn tunnel_connections_are_pooled_per_source_identity() {
     bounded(async {
-        let cluster = Cluster::new();
-        let (a, _b) = pair(&cluster, |_| {}, |_| {});
+        let (_cluster, a, _b) = default_pair();
         let echo = echo_server("127.0.0.1").await;
         for i in 0..20u8 {
             let mut s = app_connect(&a, &frontend(), echo.addr).await;
@@ -592,8 +596,7 @@ async fn tunnel_connections_are_pooled_per_source_identity() {
 #[tokio::test]
 async fn inbound_denial_is_403_with_the_authenticated_identity() {
     bounded(async {
-        let cluster = Cluster::new();
-        let (a, b) = pair(&cluster, |_| {}, |_| {});
+        let (_cluster, a, b) = default_pair();
         let echo = echo_server("127.0.0.1").await;
         b.env.set_deny(true);
 
@@ -682,8 +685,7 @@ async fn same_node_skips_tls_and_applies_policy() {
 #[tokio::test]
 async fn unredirected_unknown_and_looping_connections_are_refused() {
     bounded(async {
-        let cluster = Cluster::new();
-        let (a, _b) = pair(&cluster, |_| {}, |_| {});
+        let (_cluster, a, _b) = default_pair();
 
         // Straight to the proxy port: no kernel record.
         let mut s = TcpStream::connect(a.outbound).await.unwrap();
@@ -835,6 +837,17 @@ async fn bad_certificates_are_refused_with_their_reason() {
     .await;
 }
 
+/// Two app connections from node A to `dst` that carry data, then a third that a limit of 2 closes.
+async fn two_and_a_refused_third(a: &Node, dst: SocketAddr) -> (TcpStream, TcpStream) {
+    let mut one = app_connect(a, &frontend(), dst).await;
+    let mut two = app_connect(a, &frontend(), dst).await;
+    roundtrip(&mut one, b"one").await;
+    roundtrip(&mut two, b"two").await;
+    let mut three = app_connect(a, &frontend(), dst).await;
+    assert_closed(&mut three).await;
+    (one, two)
+}
+
 /// 7. `max_connections` on the outbound side (refused at accept) and on the inbound side (streams get 503).
 #[tokio::test]
 async fn connection_and_stream_limits() {
@@ -842,12 +855,7 @@ async fn connection_and_stream_limits() {
         let cluster = Cluster::new();
         let (a, _b) = pair(&cluster, |c| c.max_connections = 2, |_| {});
         let echo = echo_server("127.0.0.1").await;
-        let mut one = app_connect(&a, &frontend(), echo.addr).await;
-        let mut two = app_connect(&a, &frontend(), echo.addr).await;
-        roundtrip(&mut one, b"one").await;
-        roundtrip(&mut two, b"two").await;
-        let mut three = app_connect(&a, &frontend(), echo.addr).await;
-        assert_closed(&mut three).await;
+        let (one, two) = two_and_a_refused_third(&a, echo.addr).await;
         eventually("connection_limit", || refused(&a, "connection_limit") == 1).await;
         assert_eq!(a.handle.active(), 2);
         // A slot frees when a connection ends.
@@ -859,12 +867,7 @@ async fn connection_and_stream_limits() {
 
         // The inbound side counts streams against its own limit.
         let (a, b) = pair(&cluster, |_| {}, |c| c.max_connections = 2);
-        let mut one = app_connect(&a, &frontend(), echo.addr).await;
-        let mut two = app_connect(&a, &frontend(), echo.addr).await;
-        roundtrip(&mut one, b"one").await;
-        roundtrip(&mut two, b"two").await;
-        let mut three = app_connect(&a, &frontend(), echo.addr).await;
-        assert_closed(&mut three).await;
+        let (_one, _two) = two_and_a_refused_third(&a, echo.addr).await;
         eventually("stream_limit", || {
             refused(&b, "stream_limit") == 1 && refused(&a, "upstream_unavailable") == 1
         })
@@ -882,8 +885,7 @@ async fn connection_and_stream_limits() {
 async fn drain_waits_for_open_connections() {
     bounded(async {
         let (logs, _guard) = capture_logs();
-        let cluster = Cluster::new();
-        let (a, b) = pair(&cluster, |_| {}, |_| {});
+        let (cluster, a, b) = default_pair();
         let echo = echo_server("127.0.0.1").await;
         let mut s = app_connect(&a, &frontend(), echo.addr).await;
         roundtrip(&mut s, b"before the drain").await;
@@ -977,8 +979,7 @@ async fn drain_cuts_stuck_connections_after_the_timeout() {
 async fn istio_metrics_count_connections_and_bytes() {
     bounded(async {
         let (logs, _guard) = capture_logs();
-        let cluster = Cluster::new();
-        let (a, b) = pair(&cluster, |_| {}, |_| {});
+        let (_cluster, a, b) = default_pair();
         // Reads the request to EOF, then answers 777 bytes.
         let sink = server("127.0.0.1", |mut s| async move {
             let mut request = Vec::new();
@@ -996,10 +997,7 @@ async fn istio_metrics_count_connections_and_bytes() {
             .unwrap()
             .unwrap();
         assert_eq!(answer.len(), 777);
-        eventually("both sides closed", || {
-            a.handle.active() == 0 && b.handle.active() == 0
-        })
-        .await;
+        both_closed("both sides closed", &a, &b).await;
 
         for (node, reporter) in [(&a, "source"), (&b, "destination")] {
             let exposition = text(&node.registry);

@@ -26,28 +26,26 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::{Value, json};
 use sinew_tests::mesh::{MeshFixture, MeshOptions, MeshPod};
-use sinew_tests::testpod::{ConnectReport, CrrReport, RrReport};
+use sinew_tests::testpod::{ConnectReport, RrReport};
 use sinew_tests::{Metrics, Proc, Service, ServicePort};
 
 use super::{
-    BenchArgs, Better, Comparison, IO_TIMEOUT_MS, Metric, ORDERS3, SERVER_PORT, SIZE, VIP,
-    VIP_PORT, WARMUP_MS, fmt_val, loadavg, m, median, proc_status_kib, wait_json,
+    BenchArgs, Better, CLIENT_NS, CLIENT_SA, Comparison, IDLE_TIMEOUT, IO_TIMEOUT_MS, Metric,
+    ORDERS3, Row, SERVER_PORT, SERVER_SA, SIZE, VIP, VIP_PORT, WARMUP_MS, compare, crr_metrics,
+    flush_time_wait_in, load_args, loadavg, m, median, medians_and_spreads, proc_status_kib,
+    ratio_cell, render_grid, spawn_client, tcp_tw_reuse, value, wait_all, wait_json,
 };
 use crate::os::{check_interrupt, children_cpu, proc_cpu, sleep_interruptible};
 
 const NODE_A: &str = "node-a";
 const NODE_B: &str = "node-b";
-const CLIENT_NS: &str = "bench-client";
-const CLIENT_SA: &str = "bench-client";
 const MCLIENT_SA: &str = "bench-mclient";
-const SERVER_SA: &str = "bench-server";
 
 const DIRECT: &str = "direct-2node";
 const KERNEL: &str = "kernel-2node";
@@ -61,8 +59,6 @@ const OPEN_PROCS: u64 = 4;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(120);
 /// File descriptors the agents and the server need for the memory probe (1,000 sockets each, plus their own).
 const NOFILE_WANTED: u64 = 8192;
-/// How long to wait for both agents to be idle before a run.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bulk: bytes per write.
 const BULK_CHUNK: usize = 64 * 1024;
 
@@ -296,6 +292,8 @@ struct Run {
     raw: Vec<Value>,
 }
 
+measured!(Run);
+
 /// What every run needs.
 struct Ctx {
     testpod: PathBuf,
@@ -308,10 +306,14 @@ struct Ctx {
 
 impl Ctx {
     fn spawn(&self, label: &str, s: &Scenario, args: &[String]) -> Result<Proc> {
-        let mut cmd = Command::new(&self.testpod);
-        cmd.args(args);
-        sinew_tests::sys::enter_pod(&mut cmd, &s.cgroup.join("cgroup.procs"), &s.netns)?;
-        Proc::spawn(label, cmd, &self.log_dir)
+        spawn_client(
+            &self.testpod,
+            &s.cgroup,
+            &s.netns,
+            &self.log_dir,
+            label,
+            args,
+        )
     }
 
     fn rss(&self) -> [Option<u64>; 2] {
@@ -401,18 +403,7 @@ pub(super) fn run(a: &BenchArgs, testpod: &Path) -> Result<Value> {
         flush.push(f.topo.node(n).netns().name().to_string());
     }
     for ns in &flush {
-        sinew_tests::util::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.tcp_tw_reuse=1",
-            ],
-        )?;
+        tcp_tw_reuse(ns)?;
     }
     let pids = match (f.agent(NODE_A).pid(), f.agent(NODE_B).pid()) {
         (Some(x), Some(y)) => [x, y],
@@ -535,56 +526,13 @@ pub(super) fn run(a: &BenchArgs, testpod: &Path) -> Result<Value> {
     // Medians, spreads, comparisons.
     let names = [DIRECT, KERNEL, MTLS];
     let all: Vec<&Metric> = LATENCY.iter().chain(RATES).collect();
-    let mut medians: BTreeMap<&str, BTreeMap<&str, f64>> = BTreeMap::new();
-    let mut spreads: BTreeMap<&str, BTreeMap<&str, f64>> = BTreeMap::new();
-    for s in names {
-        for mt in &all {
-            let vals: Vec<f64> = runs
-                .iter()
-                .filter(|r| r.scenario == s)
-                .filter_map(|r| r.metrics.get(mt.key).copied())
-                .collect();
-            if let Some(med) = median(&vals) {
-                medians.entry(s).or_default().insert(mt.key, med);
-                let (lo, hi) = vals
-                    .iter()
-                    .fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
-                spreads
-                    .entry(s)
-                    .or_default()
-                    .insert(mt.key, if med != 0.0 { (hi - lo) / med } else { 0.0 });
-            }
-        }
-    }
+    let (medians, spreads) = medians_and_spreads(&names, &all, &runs);
     let comparisons = [
-        compare(
-            "mtls/direct",
-            DIRECT,
-            MTLS,
-            &all,
-            &medians,
-            &runs,
-            a.repeats,
-        ),
-        compare(
-            "mtls/kernel",
-            KERNEL,
-            MTLS,
-            &all,
-            &medians,
-            &runs,
-            a.repeats,
-        ),
-        compare(
-            "kernel/direct",
-            DIRECT,
-            KERNEL,
-            &all,
-            &medians,
-            &runs,
-            a.repeats,
-        ),
-    ];
+        ("mtls/direct", DIRECT, MTLS),
+        ("mtls/kernel", KERNEL, MTLS),
+        ("kernel/direct", DIRECT, KERNEL),
+    ]
+    .map(|(label, x, y)| compare(label, x, y, &all, &medians, &runs, a.repeats));
     let proxy = proxy_cost(&runs, &kinds, a.repeats);
     let baseline = idle_baseline(&runs);
     let targets = targets(
@@ -687,19 +635,9 @@ fn ensure_server(f: &mut MeshFixture) -> Result<()> {
 }
 
 fn flush_time_wait(ctx: &Ctx) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
     for ns in &ctx.flush {
-        let r = sinew_tests::util::run(
-            "ip",
-            &["netns", "exec", ns, "ss", "-K", "-t", "state", "time-wait"],
-        );
-        if let Err(e) = r {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                eprintln!(
-                    "  note: could not flush TIME_WAIT sockets ({e:#}); runs continue without"
-                )
-            });
-        }
+        flush_time_wait_in(ns, &WARNED);
     }
 }
 
@@ -866,52 +804,23 @@ fn measure(
     repeat: u32,
 ) -> Result<Run> {
     check_interrupt()?;
-    let d = duration_ms.to_string();
-    let io = IO_TIMEOUT_MS.to_string();
-    let size = SIZE.to_string();
-    let chunk = BULK_CHUNK.to_string();
     let args: Vec<String> = match kind {
-        Kind::Rr | Kind::RrN => vec![
-            "rr",
-            "--to",
-            &s.target,
-            "--size",
-            &size,
-            "--duration-ms",
-            &d,
-            "--max-requests",
-            "1000000",
-            "--timeout-ms",
-            &io,
-        ],
-        Kind::Crr => vec![
-            "crr",
-            "--to",
-            &s.target,
-            "--size",
-            &size,
-            "--duration-ms",
-            &d,
-            "--max",
-            "1000000",
-            "--timeout-ms",
-            &io,
-        ],
-        Kind::Bulk => vec![
+        Kind::Rr | Kind::RrN => load_args("rr", "--max-requests", &s.target, duration_ms),
+        Kind::Crr => load_args("crr", "--max", &s.target, duration_ms),
+        Kind::Bulk => [
             "bulk",
             "--to",
             &s.target,
             "--chunk",
-            &chunk,
+            &BULK_CHUNK.to_string(),
             "--duration-ms",
-            &d,
+            &duration_ms.to_string(),
             "--timeout-ms",
-            &io,
-        ],
-    }
-    .into_iter()
-    .map(String::from)
-    .collect();
+            &IO_TIMEOUT_MS.to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
     let n = if kind == Kind::RrN {
         ctx.conns.max(1)
     } else {
@@ -933,13 +842,7 @@ fn measure(
             )
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut outs = Vec::new();
-    for p in procs {
-        // Only these children are reaped in between, so the rusage difference is exactly their CPU time.
-        let r = wait_json(p, bound);
-        check_interrupt()?;
-        outs.push(r?.1);
-    }
+    let outs = wait_all(procs, bound)?;
     let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let client_cpu_us = (children_cpu() - ch0).as_secs_f64() * 1e6;
     let cpu1 = cpu_snap(ctx.pids);
@@ -996,15 +899,7 @@ fn measure(
             (reqs as f64, outs.len() as u64, reached)
         }
         Kind::Crr => {
-            let r: CrrReport = serde_json::from_value(outs[0].clone())?;
-            if r.failed > 0 {
-                problems.push(format!("{} failed connections: {:?}", r.failed, r.errors));
-            }
-            if r.connections > 0 {
-                metrics.insert("crr_cps", r.conns_per_sec);
-                metrics.insert("crr_p50_us", r.p50_us);
-                metrics.insert("crr_cpu_us", client_cpu_us / r.connections as f64);
-            }
+            let r = crr_metrics(&outs[0], client_cpu_us, &mut metrics, &mut problems)?;
             (
                 r.connections as f64,
                 r.connections + r.failed,
@@ -1065,55 +960,6 @@ fn measure(
         problems,
         raw: outs,
     })
-}
-
-/// Scenario `b` against scenario `a`: ratios of medians and medians of per-repeat ratios.
-fn compare(
-    label: &'static str,
-    a: &'static str,
-    b: &'static str,
-    metrics: &[&Metric],
-    medians: &BTreeMap<&str, BTreeMap<&str, f64>>,
-    runs: &[Run],
-    repeats: u32,
-) -> Comparison {
-    let mut ratios = BTreeMap::new();
-    let mut paired = BTreeMap::new();
-    for mt in metrics {
-        let ma = medians.get(a).and_then(|m| m.get(mt.key));
-        let mb = medians.get(b).and_then(|m| m.get(mt.key));
-        if let (Some(x), Some(y)) = (ma, mb)
-            && *x != 0.0
-        {
-            ratios.insert(mt.key, y / x);
-        }
-        let per_repeat: Vec<f64> = (0..repeats)
-            .filter_map(
-                |rep| match (value(runs, rep, a, mt.key), value(runs, rep, b, mt.key)) {
-                    (Some(x), Some(y)) if x != 0.0 => Some(y / x),
-                    _ => None,
-                },
-            )
-            .collect();
-        if let Some(m) = median(&per_repeat) {
-            paired.insert(mt.key, m);
-        }
-    }
-    Comparison {
-        label,
-        a,
-        b,
-        ratios,
-        paired,
-        within: BTreeMap::new(),
-    }
-}
-
-/// Metric `key` of scenario `s` in repeat `rep`.
-fn value(runs: &[Run], rep: u32, s: &str, key: &str) -> Option<f64> {
-    runs.iter()
-        .filter(|r| r.repeat == rep && r.scenario == s)
-        .find_map(|r| r.metrics.get(key).copied())
 }
 
 /// The run of `kind` of scenario `s` in repeat `rep`.
@@ -1361,49 +1207,28 @@ fn render(
     comparisons: &[Comparison],
     spreads: &BTreeMap<&str, BTreeMap<&str, f64>>,
 ) -> String {
-    let w0 = names
-        .iter()
-        .map(|s| "spread ".len() + s.len())
-        .chain(comparisons.iter().map(|c| c.label.len() + " paired".len()))
-        .max()
-        .unwrap_or(16);
-    let width = |m: &Metric| m.column.len().max(9);
-    let mut out = String::new();
-    let mut row = |label: &str, cell: &dyn Fn(&Metric) -> String| {
-        out.push_str(&format!("{label:<w0$}"));
-        for m in cols {
-            out.push_str(&format!(" {:>w$}", cell(m), w = width(m)));
+    let cols: Vec<&Metric> = cols.iter().collect();
+    // The agents' CPU per unit is near zero without the proxy: a ratio to it says nothing (the proxy's own cost is in
+    // the proxy block below the tables).
+    let r = |map: &BTreeMap<&str, f64>, m: &Metric| {
+        if m.key.ends_with("_agents_us") {
+            "-".into()
+        } else {
+            ratio_cell(map, m)
         }
-        out.push('\n');
     };
-    row("median", &|m| m.column.to_string());
-    for s in names {
-        row(s, &|m| {
-            medians
-                .get(s)
-                .and_then(|x| x.get(m.key))
-                .map_or("-".into(), |v| fmt_val(m.key, *v))
-        });
-    }
+    let mut rows: Vec<Row> = Vec::new();
     for c in comparisons {
-        // The agents' CPU per unit is near zero without the proxy: a ratio to it says nothing (the proxy's own cost
-        // is in the proxy block below the tables).
-        let r = |map: &BTreeMap<&str, f64>, m: &Metric| match map.get(m.key) {
-            Some(r) if !m.key.ends_with("_agents_us") => format!("{r:.3}"),
-            _ => "-".into(),
-        };
-        row(&format!("{} ratio", c.label), &|m| r(&c.ratios, m));
-        row(&format!("{} paired", c.label), &|m| r(&c.paired, m));
+        rows.push((
+            format!("{} ratio", c.label),
+            Box::new(move |m| r(&c.ratios, m)),
+        ));
+        rows.push((
+            format!("{} paired", c.label),
+            Box::new(move |m| r(&c.paired, m)),
+        ));
     }
-    for s in names {
-        row(&format!("spread {s}"), &|m| {
-            spreads
-                .get(s)
-                .and_then(|x| x.get(m.key))
-                .map_or("-".into(), |v| format!("{:.1}%", v * 100.0))
-        });
-    }
-    out
+    render_grid(names, &cols, medians, spreads, &rows, 0)
 }
 
 fn opt(v: &Value, digits: usize) -> String {

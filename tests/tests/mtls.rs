@@ -453,6 +453,34 @@ fn strict_drops_plaintext_from_unenrolled() {
     for t in [&w80, &w81, &vip] {
         expect_outcome(&f, "cli", t, true, PROBE_OK);
     }
+    // `policy check` explains the mesh's part: no policy denies, but STRICT refuses the stranger's plaintext, and
+    // cli's connection is carried and judged by the proxies.
+    let explain = |from: &str| -> String {
+        let ip = f.pod(from).ip4.to_string();
+        let c = f
+            .agent("n2")
+            .policy_check(&ip, "default/web", 8080, "tcp")
+            .expect("policy check");
+        assert!(
+            c.allowed,
+            "no AuthorizationPolicy: allowed by policy: {c:?}"
+        );
+        c.extra
+            .get("mtls")
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("no mesh explanation for {from}: {c:?}"))
+            .to_string()
+    };
+    let stranger = explain("stranger");
+    assert!(
+        stranger.contains("STRICT") && stranger.contains("REFUSED"),
+        "{stranger}"
+    );
+    let cli = explain("cli");
+    assert!(
+        cli.contains("STRICT") && cli.contains("node proxies") && !cli.contains("REFUSED"),
+        "{cli}"
+    );
 
     // 2. PERMISSIVE on the workload beats the namespace's STRICT.
     let web_permissive = pa(

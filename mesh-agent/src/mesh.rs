@@ -36,6 +36,9 @@ struct Entry {
     labels: BTreeMap<String, String>,
     host_ip: Option<IpAddr>,
     local: bool,
+    /// For a local pod: the policies that apply to it (the only ones its verdicts depend on), so that a
+    /// connection's authorization compiles a handful of rules, not every policy in the cluster.
+    policies: Vec<AuthorizationPolicy>,
 }
 
 /// A consistent picture of the mesh for the proxy, built from one snapshot.
@@ -47,7 +50,6 @@ pub struct MeshView {
     by_ip: StdHashMap<IpAddr, Arc<Entry>>,
     /// This node's pods (enrolled or not) by netns cookie.
     by_cookie: StdHashMap<u64, Arc<Entry>>,
-    policies: Vec<AuthorizationPolicy>,
 }
 
 fn workload_of(pod: &Pod, ip: IpAddr) -> Workload {
@@ -79,9 +81,9 @@ impl MeshView {
         let mut view = MeshView {
             root_namespace: root_namespace.to_string(),
             tunnel_port,
-            policies,
             ..Default::default()
         };
+        let evaluator = Evaluator::new(&policies, root_namespace);
         let mut by_key = StdHashMap::new();
         for pod in &snapshot.pods {
             if pod.is_terminated() {
@@ -94,11 +96,22 @@ impl MeshView {
                 .iter()
                 .find(|n| n.metadata.name == pod.metadata.namespace)
                 .map_or(&no_labels, |n| &n.metadata.labels);
+            let local = pod.spec.node_name.as_deref() == Some(node);
+            let applicable = if local {
+                evaluator
+                    .applicable(&pod.metadata.namespace, &pod.metadata.labels)
+                    .into_iter()
+                    .map(|i| policies[i].clone())
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let entry = Arc::new(Entry {
                 workload: workload_of(pod, first),
                 labels: pod.metadata.labels.clone(),
                 host_ip: pod.status.host_ip.as_deref().and_then(|s| s.parse().ok()),
-                local: pod.spec.node_name.as_deref() == Some(node),
+                local,
+                policies: applicable,
             });
             if enrollment::enrolled(&pod.metadata.labels, ns_labels) {
                 for ip in ips {
@@ -113,6 +126,32 @@ impl MeshView {
             }
         }
         view
+    }
+
+    /// `AuthorizationPolicy` for a connection from the authenticated `source` to `dst`, an enrolled workload on this
+    /// node (anything else is refused: this proxy only delivers locally).
+    pub fn authorize(&self, source: &Identity, source_ip: IpAddr, dst: SocketAddr) -> Authz {
+        let Some(e) = self.by_ip.get(&dst.ip().to_canonical()).filter(|e| e.local) else {
+            return Authz {
+                allowed: false,
+                reason: format!("{} is not an enrolled workload on this node", dst.ip()),
+            };
+        };
+        let req = Request {
+            source: Some(source.clone()),
+            source_ip,
+            dest_namespace: e.workload.namespace.clone(),
+            dest_labels: e.labels.clone(),
+            dest_port: dst.port(),
+            protocol: Protocol::Tcp,
+        };
+        // Only the destination's applicable policies: the same verdict as over all of them (the others do not
+        // apply), at the cost of compiling a few rules.
+        let verdict = Evaluator::new(&e.policies, &self.root_namespace).evaluate(&req);
+        Authz {
+            allowed: verdict.allowed,
+            reason: verdict.to_string(),
+        }
     }
 
     /// The service accounts of this node's enrolled pods: the SVIDs the agent must hold.
@@ -215,26 +254,7 @@ impl Environment for AgentEnv {
     }
 
     fn authorize(&self, source: &Identity, source_ip: IpAddr, dst: SocketAddr) -> Authz {
-        let view = self.view();
-        let Some(e) = view.by_ip.get(&dst.ip().to_canonical()) else {
-            return Authz {
-                allowed: false,
-                reason: format!("{} is not an enrolled workload", dst.ip()),
-            };
-        };
-        let req = Request {
-            source: Some(source.clone()),
-            source_ip,
-            dest_namespace: e.workload.namespace.clone(),
-            dest_labels: e.labels.clone(),
-            dest_port: dst.port(),
-            protocol: Protocol::Tcp,
-        };
-        let verdict = Evaluator::new(&view.policies, &view.root_namespace).evaluate(&req);
-        Authz {
-            allowed: verdict.allowed,
-            reason: verdict.to_string(),
-        }
+        self.view().authorize(source, source_ip, dst)
     }
 
     fn client_tls(&self, source: &SpiffeId) -> Result<Arc<rustls::ClientConfig>, String> {
@@ -403,5 +423,109 @@ impl MeshRuntime {
                 0
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(ns: &str, name: &str, ip: &str, node: &str, mesh: bool) -> Pod {
+        let mut labels = json!({"app": name});
+        if mesh {
+            labels["sinew.dev/mesh"] = json!("enabled");
+        }
+        serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name, "labels": labels},
+            "spec": {"nodeName": node, "serviceAccountName": name},
+            "status": {"podIP": ip, "hostIP": if node == "n1" { "192.168.0.1" } else { "192.168.0.2" },
+                       "phase": "Running"}
+        }))
+        .unwrap()
+    }
+
+    fn allow_from(ns: &str, name: &str, app: &str, principal: &str) -> AuthorizationPolicy {
+        serde_json::from_value(json!({
+            "apiVersion": "security.sinew.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {"selector": {"matchLabels": {"app": app}}, "action": "ALLOW",
+                     "rules": [{"from": [{"source": {"principals": [principal]}}]}]}
+        }))
+        .unwrap()
+    }
+
+    fn view() -> MeshView {
+        let snapshot = Snapshot {
+            pods: vec![
+                pod("a", "web", "10.0.0.1", "n1", true),
+                pod("a", "db", "10.0.0.2", "n1", true),
+                pod("a", "plain", "10.0.0.3", "n1", false),
+                pod("a", "remote", "10.0.1.1", "n2", true),
+            ],
+            ..Default::default()
+        };
+        let mut policies = vec![allow_from(
+            "a",
+            "web-from-cli",
+            "web",
+            "cluster.local/ns/a/sa/cli",
+        )];
+        // Many policies that apply elsewhere must not change the verdicts (nor be compiled per connection).
+        for i in 0..200 {
+            policies.push(allow_from(
+                "a",
+                &format!("other-{i}"),
+                &format!("x{i}"),
+                "x/ns/y/sa/z",
+            ));
+        }
+        let cookies = BTreeMap::from([(7u64, "a/web".to_string()), (8, "a/plain".to_string())]);
+        MeshView::build(&snapshot, "n1", "sinew-system", 15008, &cookies, policies)
+    }
+
+    fn id(sa: &str) -> Identity {
+        Identity::new("cluster.local", "a", sa)
+    }
+
+    #[test]
+    fn authorizes_with_the_destinations_policies_only_and_only_locally() {
+        let v = view();
+        let ip: IpAddr = "10.0.9.9".parse().unwrap();
+        let web = "10.0.0.1:8080".parse().unwrap();
+        assert!(v.authorize(&id("cli"), ip, web).allowed);
+        let denied = v.authorize(&id("other"), ip, web);
+        assert!(!denied.allowed, "{denied:?}");
+        // No policy applies to db: allowed.
+        assert!(
+            v.authorize(&id("other"), ip, "10.0.0.2:5432".parse().unwrap())
+                .allowed
+        );
+        // Not enrolled, or on another node: this proxy never delivers there.
+        for dst in ["10.0.0.3:80", "10.0.1.1:80", "10.9.9.9:80"] {
+            let a = v.authorize(&id("cli"), ip, dst.parse().unwrap());
+            assert!(!a.allowed, "{dst}: {a:?}");
+        }
+    }
+
+    #[test]
+    fn names_destinations_and_local_identities() {
+        let v = view();
+        assert!(v.by_ip.contains_key(&"10.0.1.1".parse::<IpAddr>().unwrap()));
+        assert!(!v.by_ip.contains_key(&"10.0.0.3".parse::<IpAddr>().unwrap()));
+        assert_eq!(v.by_cookie[&7].workload.name, "web");
+        assert_eq!(v.by_cookie[&8].workload.name, "plain");
+        let ids: Vec<String> = v
+            .local_identities("cluster.local")
+            .iter()
+            .map(|i| i.uri())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "spiffe://cluster.local/ns/a/sa/db",
+                "spiffe://cluster.local/ns/a/sa/web"
+            ]
+        );
     }
 }

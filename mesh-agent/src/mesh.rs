@@ -97,7 +97,13 @@ impl MeshView {
                 .find(|n| n.metadata.name == pod.metadata.namespace)
                 .map_or(&no_labels, |n| &n.metadata.labels);
             let local = pod.spec.node_name.as_deref() == Some(node);
-            let applicable = if local {
+            let enrolled = enrollment::enrolled(&pod.metadata.labels, ns_labels);
+            // The proxy names redirected clients (this node's pods) and carries to enrolled pods: nothing else.
+            if !local && !enrolled {
+                continue;
+            }
+            // Only an enrolled local pod is ever authorized (see `authorize`).
+            let applicable = if local && enrolled {
                 evaluator
                     .applicable(&pod.metadata.namespace, &pod.metadata.labels)
                     .into_iter()
@@ -113,12 +119,14 @@ impl MeshView {
                 local,
                 policies: applicable,
             });
-            if enrollment::enrolled(&pod.metadata.labels, ns_labels) {
+            if enrolled {
                 for ip in ips {
                     view.by_ip.insert(ip.to_canonical(), entry.clone());
                 }
             }
-            by_key.insert(pod.metadata.key(), entry);
+            if local {
+                by_key.insert(pod.metadata.key(), entry);
+            }
         }
         for (cookie, key) in cookies {
             if let Some(e) = by_key.get(key) {

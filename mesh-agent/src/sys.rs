@@ -186,16 +186,23 @@ pub fn in_netns<T: Send>(path: Option<&Path>, f: impl FnOnce() -> T + Send) -> i
     std::thread::scope(|scope| {
         scope
             .spawn(move || -> io::Result<T> {
-                if let Some(ns) = ns
-                    && unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0
-                {
-                    return Err(io::Error::last_os_error());
+                if let Some(ns) = ns {
+                    enter_netns(&ns)?;
                 }
                 Ok(f())
             })
             .join()
             .map_err(|_| io::Error::other("netns thread panicked"))?
     })
+}
+
+/// Moves the calling thread into the network namespace `ns` (an open `/proc/<pid>/ns/net` or `ip netns` file).
+/// Only for threads made for it: the agent's own threads never move.
+pub fn enter_netns(ns: &std::fs::File) -> io::Result<()> {
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Reads a `T` from the start of `bytes` (a ring buffer record), if there are enough of them.

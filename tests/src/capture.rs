@@ -23,24 +23,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-/// Enters the network namespace at `path` on the calling thread. Only for threads made for it.
-fn enter(ns: &std::fs::File) -> io::Result<()> {
-    // SAFETY: setns(2) on a valid descriptor; it only changes this thread's network namespace.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Runs `f` on a new thread inside the network namespace at `netns` (e.g. a node's `/var/run/netns/<name>`) and
-/// returns its result. Sockets `f` creates belong to that namespace.
+/// returns its result. Sockets `f` creates belong to that namespace. (The agent's own helper, so the tests enter
+/// namespaces exactly as the agent does.)
 pub fn in_netns<T: Send + 'static>(
     netns: &Path,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T> {
-    spawn_in_netns(netns, "netns", f)?
-        .join()
-        .map_err(|_| anyhow!("thread in {} panicked", netns.display()))
+    mesh_agent::sys::in_netns(Some(netns), f).with_context(|| format!("in {}", netns.display()))
 }
 
 /// Starts `f` on a new thread (named `name`) inside the network namespace at `netns`. The thread exits when `f`
@@ -55,7 +45,7 @@ pub fn spawn_in_netns<T: Send + 'static>(
     let h = std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
-            let entered = enter(&ns);
+            let entered = mesh_agent::sys::enter_netns(&ns);
             let ok = entered.is_ok();
             let _ = tx.send(entered);
             // Never run `f` in the wrong namespace (the caller already has the error).

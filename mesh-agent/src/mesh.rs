@@ -376,20 +376,26 @@ impl MeshRuntime {
     }
 
     /// After a sync: the proxy's new view, and SVIDs for this node's enrolled service accounts.
+    ///
+    /// The plane's lock is held only to read what is in force, not while certificates are issued.
     pub fn update(
         &self,
         snapshot: &Snapshot,
         node: &str,
         root_namespace: &str,
-        plane: &crate::policy::live::PolicyPlane,
+        plane: &std::sync::Mutex<crate::policy::live::PolicyPlane>,
     ) {
+        let (cookies, policies) = {
+            let plane = plane.lock().unwrap_or_else(|e| e.into_inner());
+            (plane.local_pods_by_cookie(), plane.policies_in_force())
+        };
         let view = MeshView::build(
             snapshot,
             node,
             root_namespace,
             self.tunnel_port,
-            &plane.local_pods_by_cookie(),
-            plane.policies_in_force(),
+            &cookies,
+            policies,
         );
         let ids = view.local_identities(self.certs.trust_domain());
         self.env.set_view(view);

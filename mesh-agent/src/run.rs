@@ -166,7 +166,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let policy_ok =
                 apply_policy(&admin_state, &snapshot, &errors, &mut last_policy_warnings);
             if let Some(m) = &mesh {
-                let plane = plane.lock().unwrap_or_else(|e| e.into_inner());
                 m.update(&snapshot, &cfg.node, &cfg.mesh_root_namespace, &plane);
             }
             let m = &admin_state.metrics;

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod crds;
 pub mod datapath;
 pub mod ebpf;
 pub mod enrollment;
@@ -18,6 +19,7 @@ mod lenient;
 pub mod mesh;
 pub mod metrics;
 pub mod peerauth;
+pub mod podns;
 pub mod policy;
 pub mod proxy;
 pub mod run;

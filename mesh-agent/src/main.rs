@@ -68,6 +68,8 @@ enum Cmd {
         #[command(flatten)]
         roots: Roots,
     },
+    /// Print the CustomResourceDefinitions of the mesh resources (AuthorizationPolicy, PeerAuthentication).
+    Crds,
 }
 
 #[derive(Subcommand)]
@@ -256,6 +258,10 @@ fn main() -> ExitCode {
             admin_addr,
             output,
         } => flows(admin_addr, follow, output),
+        Cmd::Crds => {
+            print!("{}", mesh_agent::crds::render());
+            Ok(())
+        }
         Cmd::Uninstall { roots } => {
             ebpf::uninstall(&Layout::new(&roots.bpffs_root)).map(|removed| {
                 for r in &removed {

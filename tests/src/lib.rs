@@ -37,6 +37,7 @@
 
 pub mod agent;
 pub mod capture;
+pub mod fake_api;
 pub mod guards;
 pub mod manifest;
 pub mod mesh;

@@ -18,6 +18,7 @@
 pub mod compile;
 pub mod eval;
 pub mod live;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,0 +1,1 @@
+//! Writing each AuthorizationPolicy's status subresource, by one agent elected through a Lease.

@@ -32,11 +32,23 @@ pub struct AdminState {
     pub certs: Option<Arc<crate::identity::CertManager>>,
 }
 
+/// SO_REUSEPORT: during a rolling update the agent that handed the node over keeps answering (`/healthz` ok,
+/// `/readyz` not ready) until it is stopped, next to the new one, so neither is restarted by its liveness probe.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(128)
+}
+
 /// Binds the listener now (so a port clash fails start-up clearly) and serves it in the background.
 pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("admin-addr {addr}: {e}"))?;
+    let listener = listen(addr).map_err(|e| anyhow::anyhow!("admin-addr {addr}: {e}"))?;
     info!(%addr, "admin listening");
     tokio::spawn(async move {
         loop {

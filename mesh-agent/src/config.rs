@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "kebab-case")]
 pub struct Config {
     pub node: String,
-    /// The file source's directory. Until the kubernetes source exists it is required.
-    pub source_dir: PathBuf,
+    /// Where the objects come from: a directory of YAML, or the Kubernetes API (the default).
+    pub source: SourceSettings,
     pub cgroup_root: PathBuf,
     pub bpffs_root: PathBuf,
     pub admin_addr: SocketAddr,
@@ -35,6 +35,42 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Lifetime of the workload certificates (renewed at half-life).
     pub svid_lifetime: Duration,
+}
+
+/// The source of Kubernetes objects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceSettings {
+    /// `--source-dir`: a directory of YAML stands in for the API server (one machine, tests, the demo).
+    Dir(PathBuf),
+    /// The API server, through kube-rs watchers.
+    Kubernetes(KubeSettings),
+}
+
+impl SourceSettings {
+    /// The file source's directory, if that is the source.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            SourceSettings::Dir(d) => Some(d),
+            SourceSettings::Kubernetes(_) => None,
+        }
+    }
+}
+
+/// The kubernetes source's settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct KubeSettings {
+    /// A kubeconfig file; `None`: `KUBECONFIG`, then `~/.kube/config`, then the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// The host's `/proc` as the agent sees it: where a pod process's `ns/net` is opened.
+    pub proc_root: PathBuf,
+    /// Whether this agent takes part in the election of the one that writes AuthorizationPolicy status.
+    pub policy_status: bool,
+    /// The status writers' Lease: namespace, name, and this agent's identity in it (its pod name).
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub lease_holder: String,
 }
 
 /// The node proxy's settings.
@@ -78,6 +114,8 @@ pub const DEFAULT_PROXY_MAX_CONNECTIONS: usize = 16384;
 pub const DEFAULT_PROXY_MAX_STREAMS: u32 = 100;
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sinew";
+pub const DEFAULT_PROC_ROOT: &str = "/proc";
+pub const DEFAULT_LEASE_NAME: &str = "sinew-policy-status";
 pub const DEFAULT_SVID_LIFETIME: &str = "24h";
 pub const DEFAULT_PROXY_SERVICE_ACCOUNT: &str = "sinew-agent";
 
@@ -153,6 +191,24 @@ pub struct RunArgs {
     /// Workload certificate lifetime, e.g. 24h, 90m (default 24h; renewed at half-life).
     #[arg(long, value_name = "DURATION")]
     pub svid_lifetime: Option<String>,
+    /// Kubernetes source: a kubeconfig file (default: KUBECONFIG, ~/.kube/config, then in-cluster).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The host's /proc, where pod processes' network namespaces are opened (default /proc).
+    #[arg(long, value_name = "PATH")]
+    pub proc_root: Option<PathBuf>,
+    /// Kubernetes source: take part in electing the agent that writes AuthorizationPolicy status (default true).
+    #[arg(long, value_name = "BOOL")]
+    pub policy_status: Option<bool>,
+    /// Namespace of the status writers' Lease (default: the mesh root namespace).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Name of the status writers' Lease (default sinew-policy-status).
+    #[arg(long, value_name = "NAME")]
+    pub lease_name: Option<String>,
+    /// This agent's identity in the Lease, normally its pod name (default: the node name).
+    #[arg(long, value_name = "NAME")]
+    pub lease_holder: Option<String>,
 }
 
 /// The config file: the same keys as the flags. Unknown keys are errors, so a typo never goes unnoticed.
@@ -181,6 +237,12 @@ struct FileConfig {
     ca_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     svid_lifetime: Option<String>,
+    kubeconfig: Option<PathBuf>,
+    proc_root: Option<PathBuf>,
+    policy_status: Option<bool>,
+    lease_namespace: Option<String>,
+    lease_name: Option<String>,
+    lease_holder: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,12 +285,7 @@ impl RunArgs {
         if node.is_empty() {
             return Err(invalid("node", "must not be empty"));
         }
-        let source_dir = self.source_dir.clone().or(file.source_dir).ok_or_else(|| {
-            invalid(
-                "source-dir",
-                "is required (the kubernetes source is not available yet)",
-            )
-        })?;
+        let source_dir = self.source_dir.clone().or(file.source_dir);
         let admin = self
             .admin_addr
             .clone()
@@ -250,12 +307,17 @@ impl RunArgs {
             .clone()
             .or(file.bpffs_root)
             .unwrap_or_else(|| DEFAULT_BPFFS_ROOT.into());
+        let proc_root = self
+            .proc_root
+            .clone()
+            .or(file.proc_root)
+            .unwrap_or_else(|| DEFAULT_PROC_ROOT.into());
         for (field, p) in [
             ("cgroup-root", &cgroup_root),
             ("bpffs-root", &bpffs_root),
-            ("source-dir", &source_dir),
+            ("proc-root", &proc_root),
         ] {
-            if !p.is_absolute() && field != "source-dir" {
+            if !p.is_absolute() {
                 return Err(invalid(
                     field,
                     format!("{} must be an absolute path", p.display()),
@@ -267,14 +329,7 @@ impl RunArgs {
             .clone()
             .or(file.mesh_root_namespace)
             .unwrap_or_else(|| crate::policy::DEFAULT_ROOT_NAMESPACE.into());
-        let ns_ok = !mesh_root_namespace.is_empty()
-            && mesh_root_namespace.len() <= 63
-            && mesh_root_namespace
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !mesh_root_namespace.starts_with('-')
-            && !mesh_root_namespace.ends_with('-');
-        if !ns_ok {
+        if !is_dns_label(&mesh_root_namespace) {
             return Err(invalid(
                 "mesh-root-namespace",
                 format!("{mesh_root_namespace:?} is not a namespace name"),
@@ -398,6 +453,46 @@ impl RunArgs {
             .clone()
             .or(file.state_dir)
             .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let source = match source_dir {
+            Some(dir) => SourceSettings::Dir(dir),
+            None => {
+                let lease_namespace = self
+                    .lease_namespace
+                    .clone()
+                    .or(file.lease_namespace)
+                    .unwrap_or_else(|| mesh_root_namespace.clone());
+                if !is_dns_label(&lease_namespace) {
+                    return Err(invalid(
+                        "lease-namespace",
+                        format!("{lease_namespace:?} is not a namespace name"),
+                    ));
+                }
+                let lease_name = self
+                    .lease_name
+                    .clone()
+                    .or(file.lease_name)
+                    .unwrap_or_else(|| DEFAULT_LEASE_NAME.into());
+                if lease_name.is_empty() || lease_name.len() > 253 {
+                    return Err(invalid("lease-name", "must be 1 to 253 characters"));
+                }
+                let lease_holder = self
+                    .lease_holder
+                    .clone()
+                    .or(file.lease_holder)
+                    .unwrap_or_else(|| node.clone());
+                if lease_holder.is_empty() {
+                    return Err(invalid("lease-holder", "must not be empty"));
+                }
+                SourceSettings::Kubernetes(KubeSettings {
+                    kubeconfig: self.kubeconfig.clone().or(file.kubeconfig),
+                    proc_root,
+                    policy_status: self.policy_status.or(file.policy_status).unwrap_or(true),
+                    lease_namespace,
+                    lease_name,
+                    lease_holder,
+                })
+            }
+        };
         Ok(Config {
             proxy,
             ca_dir: self.ca_dir.clone().or(file.ca_dir),
@@ -407,7 +502,7 @@ impl RunArgs {
             trust_domain,
             policy_events_per_sec,
             node,
-            source_dir,
+            source,
             cgroup_root,
             bpffs_root,
             admin_addr,
@@ -417,6 +512,16 @@ impl RunArgs {
                 .unwrap_or(LogFormat::Text),
         })
     }
+}
+
+/// A DNS-1123 label, as namespace names are.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -475,7 +580,7 @@ mod tests {
         let c = a.resolve().unwrap();
         std::fs::remove_file(p).ok();
         assert_eq!(c.node, "from-flag");
-        assert_eq!(c.source_dir, PathBuf::from("/srv/m"));
+        assert_eq!(c.source, SourceSettings::Dir(PathBuf::from("/srv/m")));
         assert_eq!(c.cgroup_root, PathBuf::from("/sys/fs/cgroup/unified/x"));
         assert_eq!(c.admin_addr.port(), 9);
         assert_eq!(c.log_format, LogFormat::Json);
@@ -567,9 +672,61 @@ mod tests {
     }
 
     #[test]
-    fn missing_source_dir_is_named() {
-        let e = RunArgs::default().resolve().unwrap_err().to_string();
-        assert!(e.starts_with("source-dir:"), "{e}");
+    fn without_source_dir_the_source_is_kubernetes() {
+        let c = RunArgs {
+            node: Some("n1".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let SourceSettings::Kubernetes(k) = c.source else {
+            panic!("expected the kubernetes source, got {:?}", c.source);
+        };
+        assert_eq!(k.kubeconfig, None);
+        assert_eq!(k.proc_root, PathBuf::from("/proc"));
+        assert!(k.policy_status);
+        assert_eq!(k.lease_namespace, "sinew-system");
+        assert_eq!(k.lease_name, "sinew-policy-status");
+        assert_eq!(k.lease_holder, "n1");
+        let p = write(
+            "kube.yaml",
+            "kubeconfig: /etc/kc\nproc-root: /host/proc\npolicy-status: false\n\
+             lease-namespace: mesh\nlease-name: l\nlease-holder: pod-1\n",
+        );
+        let c = RunArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        std::fs::remove_file(p).ok();
+        let SourceSettings::Kubernetes(k) = c.source else {
+            panic!("expected the kubernetes source");
+        };
+        assert_eq!(k.kubeconfig, Some(PathBuf::from("/etc/kc")));
+        assert_eq!(k.proc_root, PathBuf::from("/host/proc"));
+        assert!(!k.policy_status);
+        assert_eq!(
+            (k.lease_namespace.as_str(), k.lease_name.as_str()),
+            ("mesh", "l")
+        );
+        assert_eq!(k.lease_holder, "pod-1");
+        let e = RunArgs {
+            lease_namespace: Some("Bad_NS".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("lease-namespace:"), "{e}");
+        let e = RunArgs {
+            proc_root: Some("host/proc".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("proc-root:"), "{e}");
     }
 
     #[test]

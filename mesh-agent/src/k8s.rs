@@ -33,6 +33,9 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default, deserialize_with = "null_default")]
     pub annotations: BTreeMap<String, String>,
+    /// Set by the API server; the kubernetes source finds a pod's cgroup (and so its netns) by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 impl Default for ObjectMeta {
@@ -42,6 +45,7 @@ impl Default for ObjectMeta {
             namespace: default_namespace(),
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
+            uid: None,
         }
     }
 }
@@ -198,6 +202,13 @@ pub struct PodSpec {
     pub service_account_name: Option<String>,
     #[serde(default, deserialize_with = "null_default")]
     pub containers: Vec<Container>,
+    /// A host-network pod shares the node's netns and address: it is not a mesh workload and gets no identity.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub host_network: bool,
 }
 
 /// `Pod.spec.containers[]`.

@@ -1,6 +1,6 @@
 //! `mesh-agent run`: install (or adopt) the datapath, then keep the maps in sync with the source.
 //!
-//! Loop: poll the source directory every 200 ms (a change reaches the maps well within 1 s), load it, compute the
+//! Loop: look at the source (the directory, or the kubernetes watchers' revision) every 200 ms (a change reaches the maps well within 1 s), load it, compute the
 //! desired state (pure), apply it with the reconciler. A full resync runs every 30 s even without a change, which
 //! repairs drift (someone deleting an entry by hand). A failed apply is retried on the next tick; the maps keep the
 //! last good state in the meantime.
@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, AdminState},
-    config::Config,
+    config::{Config, SourceSettings},
     datapath::Datapath,
     ebpf::{
         self, Layout, Maps,
@@ -25,10 +25,14 @@ use crate::{
     events,
     mesh::MeshRuntime,
     metrics::{Metrics, RejectedLabels, ResultLabel, label_value},
-    policy::live::{Applied, PolicyPlane, PolicySettings},
+    policy::{
+        live::{Applied, PolicyPlane, PolicySettings},
+        status::{LeaseSettings, StatusWriter},
+    },
     source::{
-        SourceError,
+        Snapshot, SourceError,
         file::{FileSource, Watcher},
+        kubernetes::KubeSource,
     },
     state,
 };
@@ -41,36 +45,58 @@ const NETNS_RETRY: Duration = Duration::from_millis(500);
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     info!(
         node = %cfg.node,
-        source_dir = %cfg.source_dir.display(),
+        source = ?cfg.source,
         cgroup_root = %cfg.cgroup_root.display(),
         bpffs_root = %cfg.bpffs_root.display(),
         admin_addr = %cfg.admin_addr,
         log_format = ?cfg.log_format,
         "effective configuration"
     );
-    if !cfg.source_dir.is_dir() {
-        anyhow::bail!("source-dir {}: not a directory", cfg.source_dir.display());
+    if let Some(dir) = cfg.source.dir()
+        && !dir.is_dir()
+    {
+        anyhow::bail!("source-dir {}: not a directory", dir.display());
     }
 
     let layout = Layout::new(&cfg.bpffs_root);
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    // One agent per install. A second one (a rolling update's surge pod, or a mistake) waits, not ready, until the
-    // first exits, instead of reconciling the same maps from another point of view.
+    // The watchers start listing at once, while this agent may still wait for the node below.
+    let mut input = Input::open(&cfg).await?;
+    // One agent per install. A second one (a rolling update's surge pod) asks the one in charge to hand the node
+    // over and waits until it has: the old agent stops reconciling and releases the lock, but keeps its proxy
+    // serving until it is told to stop, so the node is never without one (see docs/install.md).
     let mut waiting = false;
-    let _lock = loop {
+    let lock = loop {
         if let Some(lock) = ebpf::try_lock_root(&layout)? {
             break lock;
         }
         if !std::mem::replace(&mut waiting, true) {
-            warn!(bpffs_root = %layout.root.display(), "another agent holds this install; waiting for it to exit");
+            warn!(bpffs_root = %layout.root.display(), "another agent holds this install; asking it to hand over");
+            ebpf::request_handover(&layout)?;
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = sigterm.recv() => return Ok(()),
             _ = sigint.recv() => return Ok(()),
         }
     };
+    // Whether this agent asked for it or an earlier one left the request behind, it is answered now.
+    ebpf::clear_handover(&layout);
+    // Nothing reaches the kernel before every kind has been listed once: a snapshot without pods (or without
+    // policies) would be a wrong state, not an early one.
+    let mut last_report = Instant::now();
+    while !input.synced() {
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            warn!(waiting_for = ?input.unsynced(), "kubernetes source: waiting for the first complete list");
+            last_report = Instant::now();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
+        }
+    }
     // Where the kernel sends enrolled connections: fixed for this agent's life.
     let redirect = cfg
         .proxy
@@ -98,7 +124,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 proxy: redirect,
             },
         )));
-        presync(&cfg, &datapath, &plane);
+        presync(&mut input, &cfg, &datapath, &plane);
         Ok((datapath, plane))
     })?;
     info!(
@@ -136,10 +162,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         certs: mesh.as_ref().map(|m| m.certs.clone()),
     });
     admin::serve(cfg.admin_addr, admin_state.clone()).await?;
-    tokio::spawn(events::run(layout.clone(), admin_state.clone()));
+    let events = tokio::spawn(events::run(layout.clone(), admin_state.clone()));
+    let mut status_writer = StatusTask::start(&cfg, &input);
 
-    let mut source = FileSource::new(&cfg.source_dir);
-    let mut watcher = Watcher::new(&cfg.source_dir);
     let mut last_sync: Option<Instant> = None;
     let mut retry = false;
     let mut last_errors: Vec<String> = Vec::new();
@@ -147,16 +172,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     loop {
         // A local pod whose netns cannot be read yet (its sandbox is still being created) is looked at again
         // soon, not only at the next resync: until then it is enforced only at its destinations.
-        let netns_pending = !last_policy_warnings.is_empty()
+        let netns_pending = (!last_policy_warnings.is_empty() || input.netns_pending())
             && last_sync.is_some_and(|t| t.elapsed() >= NETNS_RETRY);
         let resync = last_sync.is_none_or(|t| t.elapsed() >= RESYNC);
         if resync && last_sync.is_some() && mesh.is_some() {
             // After traffic bursts the proxy's freed buffers stay with the allocator; give them back.
             crate::sys::trim_heap();
         }
-        let due = retry || netns_pending || resync || watcher.changed();
+        let due = retry || netns_pending || resync || input.changed();
         if due {
-            let (snapshot, errors) = source.load();
+            let (snapshot, errors) = input.load();
+            if let Some(w) = &status_writer {
+                w.changed.send_modify(|n| *n += 1);
+            }
             report_errors(&admin_state.metrics, &errors, &mut last_errors);
             let desired = state::compute(&snapshot, &cfg.node);
             let result = datapath
@@ -207,11 +235,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
             last_sync = Some(Instant::now());
         }
+        if ebpf::handover_requested(&layout) {
+            info!(
+                "another agent asks for this node: handing over (this agent stops reconciling, its proxy keeps serving until it is told to stop)"
+            );
+            admin_state.ready.store(false, Ordering::Release);
+            events.abort();
+            if let Some(w) = status_writer.take() {
+                w.stop().await;
+            }
+            drop(input);
+            drop(lock);
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = sigint.recv() => {}
+            }
+            break;
+        }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+    }
+    if let Some(w) = status_writer {
+        w.stop().await;
     }
     if let Some(m) = mesh {
         info!("draining the node proxy");
@@ -226,11 +274,122 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The policy status writer's task (kubernetes source only), and how to nudge and stop it.
+struct StatusTask {
+    changed: tokio::sync::watch::Sender<u64>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StatusTask {
+    fn start(cfg: &Config, input: &Input) -> Option<StatusTask> {
+        let (SourceSettings::Kubernetes(k), Input::Kube(source, client)) = (&cfg.source, input) else {
+            return None;
+        };
+        if !k.policy_status {
+            return None;
+        }
+        let mut lease = LeaseSettings::new(&k.lease_namespace, &k.lease_holder);
+        lease.name = k.lease_name.clone();
+        let (changed, changed_rx) = tokio::sync::watch::channel(0u64);
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let shared = source.shared();
+        let writer = StatusWriter::new(client.clone(), lease).with_changes(changed_rx);
+        let task = tokio::spawn(writer.run(move || shared.policies(), stop_rx));
+        Some(StatusTask {
+            changed,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops writing and releases the lease (bounded: a dead API server does not hold up a shutdown).
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.task).await;
+    }
+}
+
+/// Where objects come from: the file source or the API server. Both give the same [`Snapshot`].
+enum Input {
+    File {
+        source: FileSource,
+        watcher: Watcher,
+    },
+    Kube(KubeSource, kube::Client),
+}
+
+impl Input {
+    async fn open(cfg: &Config) -> anyhow::Result<Input> {
+        Ok(match &cfg.source {
+            SourceSettings::Dir(dir) => Input::File {
+                source: FileSource::new(dir),
+                watcher: Watcher::new(dir),
+            },
+            SourceSettings::Kubernetes(k) => {
+                let client = crate::source::kubernetes::client(k.kubeconfig.as_deref()).await?;
+                info!(
+                    "kubernetes source: watching services, endpointslices, pods, namespaces and the mesh resources"
+                );
+                Input::Kube(
+                    KubeSource::start(
+                        client.clone(),
+                        &cfg.node,
+                        cfg.cgroup_root.clone(),
+                        k.proc_root.clone(),
+                    ),
+                    client,
+                )
+            }
+        })
+    }
+
+    fn load(&mut self) -> (Snapshot, Vec<SourceError>) {
+        match self {
+            Input::File { source, .. } => source.load(),
+            Input::Kube(k, _) => k.load(),
+        }
+    }
+
+    fn changed(&mut self) -> bool {
+        match self {
+            Input::File { watcher, .. } => watcher.changed(),
+            Input::Kube(k, _) => k.changed(),
+        }
+    }
+
+    fn synced(&self) -> bool {
+        match self {
+            Input::File { .. } => true,
+            Input::Kube(k, _) => k.synced(),
+        }
+    }
+
+    fn unsynced(&self) -> Vec<String> {
+        match self {
+            Input::File { .. } => Vec::new(),
+            Input::Kube(k, _) => k.unsynced(),
+        }
+    }
+
+    fn netns_pending(&self) -> bool {
+        match self {
+            Input::File { .. } => false,
+            Input::Kube(k, _) => k.netns_pending(),
+        }
+    }
+}
+
 /// One sync before the programs are attached (see `ebpf::install`): on a fresh node the first connection is
 /// already judged by the policies in the source. Errors are only logged here; the loop's first pass repeats the
 /// sync (then a no-op) and reports them properly.
-fn presync(cfg: &Config, datapath: &Mutex<Datapath>, plane: &Mutex<PolicyPlane>) {
-    let (snapshot, errors) = FileSource::new(&cfg.source_dir).load();
+fn presync(
+    input: &mut Input,
+    cfg: &Config,
+    datapath: &Mutex<Datapath>,
+    plane: &Mutex<PolicyPlane>,
+) {
+    let (snapshot, errors) = input.load();
     let desired = state::compute(&snapshot, &cfg.node);
     if let Err(e) = datapath
         .lock()

@@ -202,8 +202,10 @@ pub struct AgentOptions {
     pub bin: PathBuf,
     /// `--node`.
     pub node: String,
-    /// `--source-dir`.
+    /// `--source-dir` (the file source), unless `kubeconfig` is set.
     pub source_dir: PathBuf,
+    /// `--kubeconfig`: the kubernetes source (a fake API server's kubeconfig) instead of `source_dir`.
+    pub kubeconfig: Option<PathBuf>,
     /// `--cgroup-root`.
     pub cgroup_root: PathBuf,
     /// `--bpffs-root`.
@@ -234,6 +236,7 @@ impl AgentOptions {
             bin: agent_bin(),
             node: node.name().to_string(),
             source_dir: source_dir.to_path_buf(),
+            kubeconfig: None,
             cgroup_root: node.cgroup_root().to_path_buf(),
             bpffs_root: node.bpffs_root(),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -296,12 +299,12 @@ impl Agent {
             crate::unix_ms()
         )?;
         let mut cmd = Command::new(&o.bin);
-        cmd.arg("run")
-            .arg("--node")
-            .arg(&o.node)
-            .arg("--source-dir")
-            .arg(&o.source_dir)
-            .arg("--cgroup-root")
+        cmd.arg("run").arg("--node").arg(&o.node);
+        match &o.kubeconfig {
+            Some(kc) => cmd.arg("--kubeconfig").arg(kc),
+            None => cmd.arg("--source-dir").arg(&o.source_dir),
+        };
+        cmd.arg("--cgroup-root")
             .arg(&o.cgroup_root)
             .arg("--bpffs-root")
             .arg(&o.bpffs_root)

@@ -291,34 +291,84 @@ fn bpffs_root_outside_sys_fs_bpf_is_mounted_then_unmounted() {
 }
 
 #[test]
-fn a_second_agent_on_the_same_install_waits_for_the_first() {
-    if !require_privileged("a_second_agent_on_the_same_install_waits_for_the_first") {
+fn a_second_agent_takes_the_node_over_without_dropping_a_connection() {
+    if !require_privileged("a_second_agent_takes_the_node_over_without_dropping_a_connection") {
         return;
     }
-    let mut f = fixture("life-lock", LbOptions::default());
+    let mut f = fixture("life-handover", LbOptions::default());
+    // Connections keep coming through the whole handover (as during a DaemonSet rolling update with
+    // maxSurge 1): 150 connects, one every 20 ms.
+    let client = f.client.clone();
+    let to = f.vip_tcp();
+    let load = std::thread::spawn(move || client.tcp_connect(&to, 150, 20, 2000));
+    std::thread::sleep(Duration::from_millis(300));
     let mut opts = f.agent.options().clone();
     opts.admin_addr =
         std::net::SocketAddr::from(([127, 0, 0, 1], sinew_tests::free_port().expect("port")));
     opts.log_path = opts.log_path.with_extension("second.log");
     let mut second = sinew_tests::Agent::start_with(opts).expect("start the second agent");
-    // While the first runs, the second holds back: not ready, and it says why.
-    assert!(
-        second.wait_ready(Duration::from_secs(2)).is_err(),
-        "two agents became ready on one install"
-    );
-    assert!(
-        second
-            .log_tail(20)
-            .contains("another agent holds this install"),
-        "{}",
-        second.log_tail(20)
-    );
-    // The first one goes (as in a rolling update); the second takes over the pinned install.
-    f.agent.stop().expect("stop the first agent");
+    // The new agent asks, the old one hands over, and the new one becomes ready while the old one still runs.
     second
-        .wait_ready(Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("second agent never took over: {e:#}"));
+        .wait_ready(Duration::from_secs(15))
+        .unwrap_or_else(|e| {
+            panic!(
+                "second agent never took over: {e:#}\n{}",
+                second.log_tail(30)
+            )
+        });
+    assert!(
+        second.log_tail(50).contains("asking it to hand over"),
+        "{}",
+        second.log_tail(50)
+    );
+    assert!(
+        f.agent.exited().is_none(),
+        "the old agent must keep running until it is told to stop"
+    );
+    assert!(
+        f.agent.log_tail(50).contains("handing over"),
+        "{}",
+        f.agent.log_tail(50)
+    );
+    let old_ready = f.agent.get("/readyz").map(|r| r.status).unwrap_or(0);
+    assert_ne!(
+        old_ready, 200,
+        "the old agent still reports ready after handing over"
+    );
+    let old_health = f.agent.get("/healthz").map(|r| r.status).unwrap_or(0);
+    assert_eq!(
+        old_health, 200,
+        "the old agent must stay healthy (not restarted by its liveness probe)"
+    );
+    assert!(
+        !f.agent.options().bpffs_root.join("handover").exists(),
+        "the handover request was not cleared"
+    );
+    // The new agent is the one reconciling now.
+    let b1 = f.backends[0].clone();
+    f.remove_backend(&b1).expect("remove b1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while second
+        .cli()
+        .dump_services()
+        .expect("dump")
+        .iter()
+        .any(|s| s.backends.iter().any(|b| b.addr == b1.ip4.to_string()))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new agent does not reconcile"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = load.join().expect("load thread").expect("connect load");
+    assert_all_ok(&r, "connections across the handover");
+    let status = f.agent.stop().expect("stop the old agent");
+    assert!(
+        status.success(),
+        "the old agent exits cleanly after handing over: {status:?}"
+    );
     let r = f.connect(&f.vip_tcp(), 20, 0, 2000).expect("connect");
-    assert_all_ok(&r, "balanced by the second agent's install");
+    assert_all_ok(&r, "balanced by the new agent after the old one left");
     second.stop().expect("stop the second agent");
 }

@@ -70,6 +70,10 @@ impl Layout {
     pub fn link(&self, program: &str) -> PathBuf {
         self.links_dir().join(program)
     }
+    /// A directory whose presence asks the agent holding the lock to hand the node over.
+    pub fn handover(&self) -> PathBuf {
+        self.root.join("handover")
+    }
 }
 
 /// Typed handles to the pinned maps. The reconciler is the only writer of services, slots and backends.
@@ -169,6 +173,26 @@ pub fn try_lock_root(layout: &Layout) -> anyhow::Result<Option<RootLock>> {
     let locked = sys::try_lock_exclusive(&dir)
         .with_context(|| format!("locking {}", layout.root.display()))?;
     Ok(locked.then_some(RootLock { _dir: dir }))
+}
+
+/// Asks the agent that holds the lock to hand over (a rolling update's new agent does this). bpffs holds
+/// directories but no regular files, so the request is an empty directory.
+pub fn request_handover(layout: &Layout) -> anyhow::Result<()> {
+    match fs::create_dir(layout.handover()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating {}", layout.handover().display())),
+    }
+}
+
+/// Whether another agent asked for this node.
+pub fn handover_requested(layout: &Layout) -> bool {
+    layout.handover().is_dir()
+}
+
+/// Removes the request once the lock is taken (by its asker, or by a later agent if the asker went away).
+pub fn clear_handover(layout: &Layout) {
+    let _ = fs::remove_dir(layout.handover());
 }
 
 /// What [`install`] did for each program.
@@ -329,7 +353,7 @@ pub fn uninstall(layout: &Layout) -> anyhow::Result<Vec<String>> {
             removed.push(pin.display().to_string());
         }
     }
-    for dir in [layout.links_dir(), layout.maps_dir()] {
+    for dir in [layout.links_dir(), layout.maps_dir(), layout.handover()] {
         // Only empty directories go: anything else under the root is not ours to delete.
         let _ = fs::remove_dir(&dir);
     }

@@ -306,6 +306,9 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     }
     .map_err(named)?;
     socket.set_reuseaddr(true).map_err(named)?;
+    // During a rolling update the new agent's proxy listens next to the old one's until the old one drains,
+    // so the node always has a listener (both run as root, which SO_REUSEPORT requires of a group).
+    socket.set_reuseport(true).map_err(named)?;
     socket.bind(addr).map_err(named)?;
     socket.listen(1024).map_err(named)
 }

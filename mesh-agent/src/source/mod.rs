@@ -21,6 +21,7 @@ use crate::peerauth::PeerAuthentication;
 use crate::policy::AuthorizationPolicy;
 
 pub mod file;
+pub mod kubernetes;
 
 /// Every accepted object, in a deterministic order (the file source: by file name, then position in the file).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]

@@ -70,6 +70,12 @@ enum Cmd {
     },
     /// Print the CustomResourceDefinitions of the mesh resources (AuthorizationPolicy, PeerAuthentication).
     Crds,
+    /// Mount bpffs at PATH unless it already is on bpffs (the Helm chart's privileged init container runs this,
+    /// so that the mount propagates to the host and outlives the agent's container).
+    MountBpffs {
+        #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf")]
+        bpffs_root: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -258,6 +264,9 @@ fn main() -> ExitCode {
             admin_addr,
             output,
         } => flows(admin_addr, follow, output),
+        Cmd::MountBpffs { bpffs_root } => ebpf::ensure_bpffs(&bpffs_root).map(|()| {
+            println!("{} is on bpffs", bpffs_root.display());
+        }),
         Cmd::Crds => {
             print!("{}", mesh_agent::crds::render());
             Ok(())

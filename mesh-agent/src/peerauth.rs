@@ -33,8 +33,10 @@ pub const KIND: &str = "PeerAuthentication";
 /// whose labels match (a workload policy), and only a workload policy may have `portLevelMtls`.
 //
 // The derive generates `PeerAuthentication` (`metadata`, `spec`) and its CRD. A missing or `null` spec reads
-// like `spec: {}`. Unknown fields are kept (and preserved by the CRD) so that a typo such as `mtl:` is reported
-// instead of silently turning a STRICT policy into an inherited one.
+// like `spec: {}`. Unknown fields are kept so that a typo such as `mtl:` is reported instead of silently turning a
+// STRICT policy into an inherited one. The CRD schema is strict instead (see `crate::crds`): the `unknown` maps
+// are left out of it, so the API server's field validation rejects the typo, and its other constraints (enums,
+// CEL rules) mirror `validate`, never rejecting what it accepts.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, JsonSchema)]
 #[kube(
     group = "security.sinew.dev",
@@ -50,10 +52,16 @@ pub const KIND: &str = "PeerAuthentication";
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend(
+    "x-kubernetes-validations" = [{"rule": PORT_LEVEL_NEEDS_SELECTOR_RULE, "message": PORT_LEVEL_NEEDS_SELECTOR_MESSAGE}]
+))]
 // Deserialize is written by hand (through `SpecFields`) so that `spec: null` and a missing spec read as `{}`.
 pub struct PeerAuthenticationSpec {
     /// Absent (or an empty `matchLabels`): a namespace policy, or the mesh policy in the root namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Not nullable in the schema, so that the CEL rule above never meets a `null` selector: the API server prunes
+    // `selector: null`, which the agent reads like an absent selector anyway.
+    #[schemars(with = "Selector")]
     pub selector: Option<Selector>,
     /// Absent: `UNSET`, the mode is inherited from the next level.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,9 +69,11 @@ pub struct PeerAuthenticationSpec {
     /// Per workload port (the container port, not the Service port); only valid with a selector. Keys are the
     /// ports as written (`"8080"`; numbers are read as their decimal text).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = port_level_mtls_schema)]
     pub port_level_mtls: BTreeMap<String, Mtls>,
     /// Fields this version does not know; [`validate`] rejects them.
     #[serde(flatten)]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
@@ -101,8 +111,12 @@ impl<'de> Deserialize<'de> for PeerAuthenticationSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Selector {
     #[serde(default, deserialize_with = "null_default")]
+    #[schemars(extend(
+        "x-kubernetes-validations" = [{"rule": LABEL_KEYS_NOT_EMPTY_RULE, "message": LABEL_KEYS_NOT_EMPTY_MESSAGE}]
+    ))]
     pub match_labels: BTreeMap<String, String>,
     #[serde(flatten)]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
@@ -123,6 +137,7 @@ pub struct Mtls {
     #[serde(default, deserialize_with = "null_default")]
     pub mode: Mode,
     #[serde(flatten)]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
@@ -497,6 +512,38 @@ fn with_unset(reason: String, unset: &[String]) -> String {
         let levels: Vec<&str> = unset.iter().rev().map(String::as_str).collect();
         format!("{reason}; UNSET, inherited: {}", levels.join(", "))
     }
+}
+
+// The CRD schema's CEL rules. Each mirrors a check of `validate` and accepts everything it accepts (`crds.rs`
+// tests that on the examples and fixtures).
+
+/// `portLevelMtls` only in a workload policy: with a selector that has at least one label.
+pub(crate) const PORT_LEVEL_NEEDS_SELECTOR_RULE: &str = "!has(self.portLevelMtls) || size(self.portLevelMtls) == 0 \
+    || (has(self.selector) && has(self.selector.matchLabels) && size(self.selector.matchLabels) > 0)";
+pub(crate) const PORT_LEVEL_NEEDS_SELECTOR_MESSAGE: &str = "portLevelMtls is only valid with a selector that has matchLabels (a workload policy), as in Istio";
+/// `selector.matchLabels` has no empty key.
+pub(crate) const LABEL_KEYS_NOT_EMPTY_RULE: &str = "self.all(key, key != '')";
+pub(crate) const LABEL_KEYS_NOT_EMPTY_MESSAGE: &str =
+    "selector.matchLabels: label keys must not be empty";
+pub(crate) const PORT_KEYS_MESSAGE: &str =
+    "portLevelMtls keys must be port numbers 1-65535 (decimal digits), e.g. '8080'";
+
+/// The CEL rule that every `portLevelMtls` key is what [`parse_port`] accepts.
+pub(crate) fn port_keys_rule() -> String {
+    format!(
+        "self.all(port, port.matches('{}'))",
+        crate::policy::PORT_PATTERN
+    )
+}
+
+/// `portLevelMtls` in the CRD: every key a port number. At most 65535 entries, which never refuses an object
+/// [`validate`] accepts (its keys are distinct port numbers) and bounds the cost estimate of the keys rule.
+fn port_level_mtls_schema(schema: &mut schemars::Schema) {
+    schema.insert("maxProperties".into(), 65535.into());
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{"rule": port_keys_rule(), "message": PORT_KEYS_MESSAGE}]),
+    );
 }
 
 /// `null` reads like an absent field.
@@ -1144,7 +1191,7 @@ spec:
     }
 
     #[test]
-    fn crd_is_namespaced_and_keeps_unknown_fields() {
+    fn crd_is_namespaced_and_strict() {
         let crd = serde_json::to_value(PeerAuthentication::crd()).unwrap();
         assert_eq!(
             crd["metadata"]["name"],
@@ -1155,10 +1202,23 @@ spec:
         assert_eq!(spec["names"]["shortNames"], serde_json::json!(["pa"]));
         let version = &spec["versions"][0];
         assert_eq!(version["name"], "v1alpha1");
+        // Unknown fields are refused by the API server, not preserved; `crds.rs` walks the whole schema.
+        let text = serde_json::to_string(&crd).unwrap();
+        assert!(
+            !text.contains("x-kubernetes-preserve-unknown-fields"),
+            "{text}"
+        );
+        assert!(!text.contains("\"unknown\""), "{text}");
         let schema = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
         assert_eq!(
-            schema["x-kubernetes-preserve-unknown-fields"], true,
+            schema["x-kubernetes-validations"][0]["rule"], PORT_LEVEL_NEEDS_SELECTOR_RULE,
             "{schema:#}"
+        );
+        let selector = &schema["properties"]["selector"];
+        assert_eq!(selector.get("nullable"), None, "{selector:#}");
+        assert_eq!(
+            selector["properties"]["matchLabels"]["x-kubernetes-validations"][0]["rule"],
+            LABEL_KEYS_NOT_EMPTY_RULE
         );
         let mtls = &schema["properties"]["mtls"];
         assert_eq!(
@@ -1166,9 +1226,16 @@ spec:
             serde_json::json!(["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]),
             "{mtls:#}"
         );
+        let ports = &schema["properties"]["portLevelMtls"];
+        assert_eq!(ports["type"], "object", "{schema:#}");
+        assert_eq!(ports["maxProperties"], 65535);
         assert_eq!(
-            schema["properties"]["portLevelMtls"]["type"], "object",
-            "{schema:#}"
+            ports["x-kubernetes-validations"][0]["rule"],
+            port_keys_rule()
+        );
+        assert_eq!(
+            ports["additionalProperties"]["properties"]["mode"]["enum"],
+            mtls["properties"]["mode"]["enum"]
         );
     }
 }

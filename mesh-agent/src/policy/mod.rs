@@ -40,9 +40,15 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "sinew-system";
 /// matches nothing, so it denies every request to the workloads it selects.
 //
 // The derive generates `AuthorizationPolicy` (`metadata`, `spec`, `status`) and its CRD
-// (`kube::CustomResourceExt::crd`). A missing or `null` spec reads like `spec: {}`. Unknown fields are kept, in the
-// CRD too (`x-kubernetes-preserve-unknown-fields`, from the flattened `unknown` maps), so that the API server never
-// prunes a typo such as `form:` into an allow-all `{}`: the agent sees it and rejects the rule.
+// (`kube::CustomResourceExt::crd`, written out by `mesh-agent crds`). A missing or `null` spec reads like `spec: {}`.
+//
+// The CRD schema is strict (a deliberate decision, see `crate::crds`): the flattened `unknown` maps are left out of
+// it (`#[schemars(skip)]`), so it has no `x-kubernetes-preserve-unknown-fields` and the API server's field
+// validation rejects a typo such as `form:` instead of storing it, or pruning it into an allow-all `{}`. The agent
+// still keeps unknown fields of what it reads (the file source never meets the schema) and `validate` rejects
+// them. The other schema constraints mirror `validate` (patterns, `minItems`, CEL rules); they never reject what
+// it accepts, except for the `maxItems` bounds that keep the CEL rules' cost estimate within the API server's
+// budget.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, JsonSchema)]
 #[kube(
     group = "security.sinew.dev",
@@ -70,9 +76,11 @@ pub struct AuthorizationPolicySpec {
     pub action: Action,
     /// ORed. No rules: the policy matches nothing.
     #[serde(default)]
+    #[schemars(length(max = MAX_RULES))]
     pub rules: Vec<Rule>,
     /// Fields this version does not know (a typo such as `actions:`); [`validate`] rejects them.
     #[serde(flatten)]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
@@ -141,17 +149,32 @@ impl AuthorizationPolicy {
     }
 }
 
-/// How each rule is enforced. A rule is never dropped silently.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+/// How each rule is enforced, and whether the policy is accepted and in force. A rule is never dropped silently.
+///
+/// Written by the one agent elected to write statuses (see the `status` module). `observedGeneration` and
+/// `conditions` are absent in objects written before they existed, and in the file source.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicyStatus {
     /// One entry per rule of `spec.rules`, in order.
     #[serde(default, deserialize_with = "null_default")]
     pub rules: Vec<RuleCondition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// metav1 conditions: `Accepted` (the policy is valid) and `Enforced` (how its rules are enforced). A malformed
+    /// entry is dropped when read rather than failing the whole object.
+    #[serde(
+        default,
+        deserialize_with = "lenient_conditions",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }
 
 impl AuthorizationPolicyStatus {
-    /// The status for rules with these statuses (index `i` is `spec.rules[i]`).
+    /// The status for rules with these statuses (index `i` is `spec.rules[i]`), without conditions.
     pub fn from_statuses(statuses: &[eval::RuleStatus]) -> Self {
         AuthorizationPolicyStatus {
             rules: statuses
@@ -159,7 +182,16 @@ impl AuthorizationPolicyStatus {
                 .enumerate()
                 .map(|(index, s)| RuleCondition::new(index, s))
                 .collect(),
+            ..Default::default()
         }
+    }
+
+    /// The condition of type `type_`, if present.
+    pub fn condition(
+        &self,
+        type_: &str,
+    ) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
     }
 }
 
@@ -202,6 +234,39 @@ pub enum Enforcement {
     ProxyRequired,
     /// Invalid: an ALLOW rule matches nothing, a DENY rule is enforced fail-closed.
     Rejected,
+}
+
+/// `status.conditions`: entries that are not metav1 conditions are dropped (and rewritten by the agent).
+fn lenient_conditions<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>, D::Error> {
+    let raw: Vec<serde_json::Value> = null_default(d)?;
+    Ok(raw
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect())
+}
+
+/// `status.conditions`: the schema of `metav1.Condition`, a list keyed by `type` (k8s-openapi's `schemars`
+/// feature is off, so it is written out here).
+fn conditions_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
+        "items": {
+            "type": "object",
+            "required": ["type", "status", "lastTransitionTime", "reason", "message"],
+            "properties": {
+                "type": {"type": "string", "maxLength": 316},
+                "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+                "lastTransitionTime": {"type": "string", "format": "date-time"},
+                "reason": {"type": "string", "minLength": 1, "maxLength": 1024},
+                "message": {"type": "string", "maxLength": 32768},
+            },
+        },
+    })
 }
 
 /// `spec.selector`. An empty `matchLabels` selects every workload, like no selector.
@@ -249,6 +314,7 @@ pub struct Rule {
         deserialize_with = "null_default",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(length(min = 1, max = MAX_RULE_ENTRIES))]
     pub from: Option<Vec<RuleFrom>>,
     /// ORed. `to: []` is invalid (omit `to` to match every operation).
     #[serde(
@@ -256,6 +322,7 @@ pub struct Rule {
         deserialize_with = "null_default",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(length(min = 1, max = MAX_RULE_ENTRIES))]
     pub to: Option<Vec<RuleTo>>,
     /// Conditions, kept opaque: none can be honoured at L4, so a rule with `when` needs a proxy.
     #[serde(
@@ -267,12 +334,14 @@ pub struct Rule {
     pub when: Vec<serde_json::Value>,
     /// Fields this version does not know (a typo such as `form:`); reported as rejected.
     #[serde(flatten)]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// One entry of `rules[].from`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = require("source"))]
 pub struct RuleFrom {
     /// Required and not empty.
     #[serde(
@@ -280,14 +349,18 @@ pub struct RuleFrom {
         deserialize_with = "null_default",
         skip_serializing_if = "Option::is_none"
     )]
+    // Not nullable in the schema: `source: null` is pruned, then refused as missing.
+    #[schemars(with = "Source")]
     pub source: Option<Source>,
     #[serde(flatten)]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// One entry of `rules[].to`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = require("operation"))]
 pub struct RuleTo {
     /// Required and not empty.
     #[serde(
@@ -295,14 +368,21 @@ pub struct RuleTo {
         deserialize_with = "null_default",
         skip_serializing_if = "Option::is_none"
     )]
+    // Not nullable in the schema: `operation: null` is pruned, then refused as missing.
+    #[schemars(with = "Operation")]
     pub operation: Option<Operation>,
     #[serde(flatten)]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `rules[].from[].source`: present fields are ANDed, an empty list is like an absent field.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(
+    transform = l7_source_fields,
+    extend("x-kubernetes-validations" = [{"rule": SOURCE_NOT_EMPTY_RULE, "message": SOURCE_NOT_EMPTY_MESSAGE}])
+)]
 pub struct Source {
     /// SPIFFE IDs, `spiffe://<td>/ns/<ns>/sa/<sa>` or Istio's `<td>/ns/<ns>/sa/<sa>`; `*`, `prefix*`, `*suffix`.
     #[serde(
@@ -310,12 +390,14 @@ pub struct Source {
         deserialize_with = "null_default",
         skip_serializing_if = "Vec::is_empty"
     )]
+    #[schemars(inner(pattern(PRINCIPAL_PATTERN)))]
     pub principals: Vec<String>,
     #[serde(
         default,
         deserialize_with = "null_default",
         skip_serializing_if = "Vec::is_empty"
     )]
+    #[schemars(inner(pattern(PRINCIPAL_PATTERN)))]
     pub not_principals: Vec<String>,
     /// Namespace names; `*`, `prefix*`, `*suffix`.
     #[serde(
@@ -323,12 +405,14 @@ pub struct Source {
         deserialize_with = "null_default",
         skip_serializing_if = "Vec::is_empty"
     )]
+    #[schemars(inner(pattern(NAMESPACE_PATTERN)))]
     pub namespaces: Vec<String>,
     #[serde(
         default,
         deserialize_with = "null_default",
         skip_serializing_if = "Vec::is_empty"
     )]
+    #[schemars(inner(pattern(NAMESPACE_PATTERN)))]
     pub not_namespaces: Vec<String>,
     /// CIDRs or single addresses, IPv4 or IPv6.
     #[serde(
@@ -336,22 +420,29 @@ pub struct Source {
         deserialize_with = "null_default",
         skip_serializing_if = "Vec::is_empty"
     )]
+    #[schemars(inner(pattern(IP_BLOCK_PATTERN)))]
     pub ip_blocks: Vec<String>,
     #[serde(
         default,
         deserialize_with = "null_default",
         skip_serializing_if = "Vec::is_empty"
     )]
+    #[schemars(inner(pattern(IP_BLOCK_PATTERN)))]
     pub not_ip_blocks: Vec<String>,
     /// Other fields: Istio's L7 ones (`requestPrincipals`, `remoteIpBlocks`, ...) need a proxy, the rest are
     /// rejected.
+    // In the schema, the L7 fields are properties (`l7_source_fields`) and the rest are refused.
     #[serde(flatten)]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `rules[].to[].operation`: present fields are ANDed, an empty list is like an absent field.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend(
+    "x-kubernetes-validations" = [{"rule": OPERATION_NOT_EMPTY_RULE, "message": OPERATION_NOT_EMPTY_MESSAGE}]
+))]
 pub struct Operation {
     /// The workload's target port (the container port), not the Service port.
     #[serde(
@@ -404,6 +495,7 @@ pub struct Operation {
     )]
     pub not_hosts: Vec<String>,
     #[serde(flatten)]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
@@ -467,12 +559,112 @@ fn null_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
-/// `rules[].when`: Istio's `{key, values, notValues}` conditions, kept as written.
+// The CRD schema's constraints. Each mirrors a check of `validate` (`eval.rs`) and accepts everything it accepts:
+// the agent is the authority, the schema only refuses obvious mistakes early. `crds.rs` tests both directions.
+
+/// At most this many `spec.rules`, and `from`/`to` entries per rule. Not a rule of the agent: these bounds keep the
+/// API server's cost estimate of the `source`/`operation` CEL rules (one evaluation per entry) within its budget.
+pub(crate) const MAX_RULES: u32 = 256;
+/// See [`MAX_RULES`].
+pub(crate) const MAX_RULE_ENTRIES: u32 = 128;
+
+/// What [`Port::number`] accepts: decimal digits, leading zeros allowed, 1-65535.
+pub(crate) const PORT_PATTERN: &str =
+    "^0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$";
+/// What `eval::parse_principal` accepts: `*`, `prefix*` or `*suffix` over SPIFFE ID characters, or an exact
+/// `<trust-domain>/ns/<namespace>/sa/<service-account>`; each optionally after `spiffe://`.
+pub(crate) const PRINCIPAL_PATTERN: &str = r"^(spiffe://)?(\*|[A-Za-z0-9._/-]+\*|\*[A-Za-z0-9._/-]+|[a-z0-9._-]+/ns/[A-Za-z0-9._-]+/sa/[A-Za-z0-9._-]+)$";
+/// What `eval::parse_namespace` accepts: `*`, `prefix*` or `*suffix` over up to 63 of `[a-z0-9-]`, or a namespace
+/// name (which does not start or end with `-`).
+pub(crate) const NAMESPACE_PATTERN: &str =
+    r"^(\*|[a-z0-9-]{1,63}\*|\*[a-z0-9-]{1,63}|[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)$";
+/// Only the characters an IPv4 or IPv6 address can have, and a prefix length of 1-3 digits: a typo check.
+/// `eval::parse_cidr` decides the rest (an address, a length in range), which a pattern would only approximate.
+pub(crate) const IP_BLOCK_PATTERN: &str = "^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$";
+
+/// Istio's source fields that need the request (JWT claims, X-Forwarded-For). The agent accepts them (the rule
+/// needs a proxy), so the schema must have them although [`Source`] keeps them in `unknown`.
+pub(crate) const L7_SOURCE_FIELDS: [&str; 4] = [
+    "requestPrincipals",
+    "notRequestPrincipals",
+    "remoteIpBlocks",
+    "notRemoteIpBlocks",
+];
+
+/// `source` is not empty: a non-empty L4 list or any L7 field, as `eval::compile_source` requires (an empty list
+/// is an absent field; an L7 field counts even when empty, like any field in `unknown`).
+pub(crate) const SOURCE_NOT_EMPTY_RULE: &str = "(has(self.principals) && size(self.principals) > 0) \
+    || (has(self.notPrincipals) && size(self.notPrincipals) > 0) \
+    || (has(self.namespaces) && size(self.namespaces) > 0) \
+    || (has(self.notNamespaces) && size(self.notNamespaces) > 0) \
+    || (has(self.ipBlocks) && size(self.ipBlocks) > 0) \
+    || (has(self.notIpBlocks) && size(self.notIpBlocks) > 0) \
+    || has(self.requestPrincipals) || has(self.notRequestPrincipals) \
+    || has(self.remoteIpBlocks) || has(self.notRemoteIpBlocks)";
+pub(crate) const SOURCE_NOT_EMPTY_MESSAGE: &str = "source must not be empty: set principals, notPrincipals, \
+    namespaces, notNamespaces, ipBlocks or notIpBlocks (an empty list counts as absent); to match every source, \
+    omit from";
+/// `operation` is not empty: some list of it is not empty, as `eval::compile_operation` requires.
+pub(crate) const OPERATION_NOT_EMPTY_RULE: &str = "(has(self.ports) && size(self.ports) > 0) \
+    || (has(self.notPorts) && size(self.notPorts) > 0) \
+    || (has(self.methods) && size(self.methods) > 0) \
+    || (has(self.notMethods) && size(self.notMethods) > 0) \
+    || (has(self.paths) && size(self.paths) > 0) \
+    || (has(self.notPaths) && size(self.notPaths) > 0) \
+    || (has(self.hosts) && size(self.hosts) > 0) \
+    || (has(self.notHosts) && size(self.notHosts) > 0)";
+pub(crate) const OPERATION_NOT_EMPTY_MESSAGE: &str = "operation must not be empty: set ports, notPorts, methods, \
+    notMethods, paths, notPaths, hosts or notHosts (an empty list counts as absent); to match every operation, \
+    omit to";
+
+/// `rules[].when`: Istio's `{key, values, notValues}` conditions. The agent keeps them as written (a rule with
+/// `when` needs a proxy); the schema spells out Istio's fields because a strict schema cannot keep unknown ones.
 fn when_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "array",
-        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+        "items": {
+            "type": "object",
+            "properties": {
+                "key": {"type": "string"},
+                "values": {"type": "array", "items": {"type": "string"}},
+                "notValues": {"type": "array", "items": {"type": "string"}},
+            },
+        },
     })
+}
+
+/// Adds [`L7_SOURCE_FIELDS`] to the schema of [`Source`], as lists of strings (Istio's type).
+fn l7_source_fields(schema: &mut schemars::Schema) {
+    if let Some(properties) = schema
+        .get_mut("properties")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for field in L7_SOURCE_FIELDS {
+            properties.insert(
+                field.to_string(),
+                serde_json::json!({
+                    "description": "L7 (needs the request): the rule needs a proxy.",
+                    "type": "array",
+                    "items": {"type": "string"},
+                }),
+            );
+        }
+    }
+}
+
+/// Marks `field` required in an object schema: schemars leaves `Option` fields optional, but the agent rejects an
+/// entry without this one.
+fn require(field: &'static str) -> impl Fn(&mut schemars::Schema) {
+    move |schema| {
+        if let Some(required) = schema
+            .ensure_object()
+            .entry("required")
+            .or_insert_with(|| serde_json::json!([]))
+            .as_array_mut()
+        {
+            required.push(field.into());
+        }
+    }
 }
 
 impl JsonSchema for Port {
@@ -484,9 +676,15 @@ impl JsonSchema for Port {
         true
     }
 
-    /// Istio writes ports as strings; integers are accepted too.
+    /// Istio writes ports as strings; integers are accepted too. Either must be a port number: `pattern` applies
+    /// to strings only, `minimum`/`maximum` to integers only.
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({"x-kubernetes-int-or-string": true})
+        schemars::json_schema!({
+            "x-kubernetes-int-or-string": true,
+            "pattern": PORT_PATTERN,
+            "minimum": 1,
+            "maximum": 65535,
+        })
     }
 }
 
@@ -497,14 +695,6 @@ mod tests {
 
     fn pol(yaml: &str) -> AuthorizationPolicy {
         serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("bad test YAML: {e}\n{yaml}"))
-    }
-
-    #[test]
-    fn zz_print_crd() {
-        println!(
-            "{}",
-            serde_yaml::to_string(&AuthorizationPolicy::crd()).unwrap()
-        );
     }
 
     #[test]
@@ -632,63 +822,63 @@ spec:
         assert_eq!(version["subresources"]["status"], serde_json::json!({}));
         let schema = &version["schema"]["openAPIV3Schema"]["properties"];
         let policy = &schema["spec"];
-        // Unknown fields are preserved at every level that has an `unknown` map, never pruned.
-        assert_eq!(
-            policy["x-kubernetes-preserve-unknown-fields"], true,
-            "{policy:#}"
+        // Strict: unknown fields are not preserved anywhere (they are refused by the API server's field
+        // validation), and the `unknown` maps are not properties. `crds.rs` walks the whole schema.
+        let text = serde_json::to_string(&crd).unwrap();
+        assert!(
+            !text.contains("x-kubernetes-preserve-unknown-fields"),
+            "{text}"
         );
+        assert!(!text.contains("\"unknown\""), "{text}");
+        assert_eq!(policy["properties"]["rules"]["maxItems"], MAX_RULES);
         let rule = &policy["properties"]["rules"]["items"];
+        let from = &rule["properties"]["from"];
         assert_eq!(
-            rule["x-kubernetes-preserve-unknown-fields"], true,
-            "{rule:#}"
+            (&from["minItems"], &from["maxItems"]),
+            (&serde_json::json!(1), &serde_json::json!(MAX_RULE_ENTRIES))
         );
-        let source = &rule["properties"]["from"]["items"]["properties"]["source"];
+        assert_eq!(from["items"]["required"], serde_json::json!(["source"]));
+        let source = &from["items"]["properties"]["source"];
+        assert_eq!(source.get("nullable"), None, "{source:#}");
         assert_eq!(
-            source["x-kubernetes-preserve-unknown-fields"], true,
-            "{source:#}"
+            source["x-kubernetes-validations"][0]["rule"],
+            SOURCE_NOT_EMPTY_RULE
         );
-        let operation = &rule["properties"]["to"]["items"]["properties"]["operation"];
+        for field in L7_SOURCE_FIELDS {
+            assert_eq!(source["properties"][field]["type"], "array", "{field}");
+        }
+        assert_eq!(
+            source["properties"]["principals"]["items"]["pattern"],
+            PRINCIPAL_PATTERN
+        );
+        let to = &rule["properties"]["to"];
+        assert_eq!(to["minItems"], 1);
+        assert_eq!(to["items"]["required"], serde_json::json!(["operation"]));
+        let operation = &to["items"]["properties"]["operation"];
+        assert_eq!(
+            operation["x-kubernetes-validations"][0]["rule"],
+            OPERATION_NOT_EMPTY_RULE
+        );
         assert_eq!(
             operation["properties"]["ports"]["items"],
-            serde_json::json!({"x-kubernetes-int-or-string": true})
+            serde_json::json!({
+                "x-kubernetes-int-or-string": true,
+                "pattern": PORT_PATTERN,
+                "minimum": 1.0,
+                "maximum": 65535.0,
+            })
         );
         assert_eq!(
             policy["properties"]["action"]["enum"],
             serde_json::json!(["ALLOW", "DENY", "AUDIT"])
         );
-        assert_eq!(rule["properties"]["when"]["items"]["type"], "object");
+        let when = &rule["properties"]["when"]["items"];
+        assert_eq!(when["type"], "object");
+        assert_eq!(when["properties"]["key"]["type"], "string");
         let status = &schema["status"]["properties"]["rules"]["items"]["properties"];
         assert_eq!(
             status["status"]["enum"],
             serde_json::json!(["kernel-enforced", "proxy-required", "rejected"])
         );
-        // Structural: no schema without a type, except int-or-string and preserved objects.
-        fn check(path: &str, s: &serde_json::Value) {
-            let Some(obj) = s.as_object() else { return };
-            if path.ends_with(".properties") {
-                for (k, v) in obj {
-                    check(&format!("{path}.{k}"), v);
-                }
-                return;
-            }
-            let exempt = obj.contains_key("x-kubernetes-int-or-string")
-                || obj.contains_key("x-kubernetes-preserve-unknown-fields");
-            assert!(
-                exempt || obj.contains_key("type"),
-                "{path}: no type in {s:#}"
-            );
-            assert!(
-                !obj.contains_key("anyOf")
-                    && !obj.contains_key("oneOf")
-                    && !obj.contains_key("$ref"),
-                "{path}: {s:#}"
-            );
-            for (k, v) in obj {
-                if matches!(k.as_str(), "properties" | "items" | "additionalProperties") {
-                    check(&format!("{path}.{k}"), v);
-                }
-            }
-        }
-        check("openAPIV3Schema", &version["schema"]["openAPIV3Schema"]);
     }
 }

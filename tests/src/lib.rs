@@ -21,6 +21,10 @@
 //!   enforces) or from its netns outside every cgroup ([`Pod::probe_unmanaged`]: only the destination enforces).
 //! - [`mesh`] (issue 4): enrolled pods, one CA shared by the agents, `PeerAuthentication`, `/debug/certs`, raw TLS
 //!   and HBONE clients; [`capture`]: packet capture on an interface of a namespace (no tcpdump needed).
+//! - Issue 5: [`fake_api`] is an in-process API server (list, watch, bookmarks, 410, 403, status, leases) that
+//!   kube-rs runs against unchanged; [`kube::KubeMirror`] makes it hold a manifest directory's objects and gives the
+//!   node's pods kubelet-style cgroups with a sandbox process ([`kubepods`]), so an agent's kubernetes source sees
+//!   the same objects as a file source would; [`chart`] checks the Helm chart statically.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -37,8 +41,11 @@
 
 pub mod agent;
 pub mod capture;
+pub mod chart;
 pub mod fake_api;
 pub mod guards;
+pub mod kube;
+pub mod kubepods;
 pub mod manifest;
 pub mod mesh;
 pub mod policy;

@@ -283,7 +283,8 @@ struct StatusTask {
 
 impl StatusTask {
     fn start(cfg: &Config, input: &Input) -> Option<StatusTask> {
-        let (SourceSettings::Kubernetes(k), Input::Kube(source, client)) = (&cfg.source, input) else {
+        let (SourceSettings::Kubernetes(k), Input::Kube(source, client)) = (&cfg.source, input)
+        else {
             return None;
         };
         if !k.policy_status {

@@ -233,20 +233,25 @@ fn kubernetes_source_programs_and_enforces_like_the_file_source() {
     let r = f.connect(&f.vip_tcp(), 10, 0, 2000).expect("connect");
     assert_eq!(r.ok, 0, "the DENY policy must refuse every connect: {r:#?}");
     // The agent won the status Lease (it is the only one) and wrote the policy's status.
-    eventually(Duration::from_secs(10), "the policy's status is written", || {
-        let Some(p) = mirror.api.get(
-            "security.sinew.dev/v1alpha1",
-            "AuthorizationPolicy",
-            Some("default"),
-            "deny-default-to-web",
-        ) else {
-            return false;
-        };
-        p["status"]["rules"][0]["status"] == "kernel-enforced"
-            && p["status"]["conditions"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "Accepted" && c["status"] == "True"))
-    });
+    eventually(
+        Duration::from_secs(10),
+        "the policy's status is written",
+        || {
+            let Some(p) = mirror.api.get(
+                "security.sinew.dev/v1alpha1",
+                "AuthorizationPolicy",
+                Some("default"),
+                "deny-default-to-web",
+            ) else {
+                return false;
+            };
+            p["status"]["rules"][0]["status"] == "kernel-enforced"
+                && p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Accepted" && c["status"] == "True")
+                })
+        },
+    );
     f.source.remove("policy-deny.yaml").unwrap();
     mirror.sync(f.source.path()).unwrap();
     eventually(Duration::from_secs(10), "the DENY policy is gone", || {

@@ -26,3 +26,5 @@ pub mod run;
 pub mod source;
 pub mod state;
 pub mod sys;
+#[cfg(test)]
+mod testing;

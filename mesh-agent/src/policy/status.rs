@@ -1011,27 +1011,7 @@ spec:
     }
 
     /// Log output, for the once-per-resource check.
-    #[derive(Clone, Default)]
-    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-        type Writer = Capture;
-
-        fn make_writer(&'a self) -> Capture {
-            self.clone()
-        }
-    }
+    use crate::testing::LogCapture as Capture;
 
     fn forbidden(resource: &str) -> kube::Error {
         kube::Error::Api(kube::core::ErrorResponse {

@@ -281,27 +281,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 /// Log lines written while a [`capture_logs`] guard is alive on this thread (every task of a current-thread test
 /// runtime runs on it).
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-    type Writer = Capture;
-
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
+use crate::testing::LogCapture as Capture;
 
 impl Capture {
     /// The access log records so far, as JSON field maps.
@@ -1096,12 +1076,14 @@ async fn proxy_thread_runs_drains_and_joins() {
     .await;
 }
 
-/// Binding a taken port fails with an error that names the address.
+/// Binding a port another program holds fails with an error that names the address. (A second proxy may share
+/// it: see the next test.)
 #[tokio::test]
 async fn bind_errors_name_the_address() {
     let cluster = Cluster::new();
-    let a = start(cluster.env(), |_| {});
-    let taken = a.inbound;
+    // A plain listener, without SO_REUSEPORT: nobody may join it.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = other.local_addr().unwrap();
     let err = Proxy::start(
         ProxyConfig {
             inbound: taken,
@@ -1113,4 +1095,26 @@ async fn bind_errors_name_the_address() {
     .err()
     .expect("the port is taken");
     assert!(err.to_string().contains(&taken.to_string()), "{err}");
+}
+
+/// During a rolling update the new agent's proxy listens on the same ports as the old one's (SO_REUSEPORT), so
+/// the node is never without a listener.
+#[tokio::test]
+async fn a_second_proxy_shares_the_ports_during_a_handover() {
+    let cluster = Cluster::new();
+    let a = start(cluster.env(), |_| {});
+    let b = Proxy::start(
+        ProxyConfig {
+            inbound: a.inbound,
+            ..test_config()
+        },
+        cluster.env(),
+        ProxyMetrics::new(),
+    );
+    assert!(
+        b.is_ok(),
+        "a second proxy could not share {}: {:?}",
+        a.inbound,
+        b.err()
+    );
 }

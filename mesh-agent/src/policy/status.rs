@@ -1062,7 +1062,7 @@ spec:
                 &forbidden("authorizationpolicies/status"),
             );
         });
-        let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let logs = capture.text();
         let errors: Vec<&str> = logs.lines().filter(|l| l.contains("ERROR")).collect();
         assert_eq!(errors.len(), 3, "{logs}");
         assert!(

@@ -414,7 +414,7 @@ fn spawn<K>(
     to_object: impl Fn(&K) -> Result<Object, String> + Send + 'static,
 ) -> tokio::task::JoinHandle<()>
 where
-    K: Resource + Clone + DeserializeOwned + Serialize + Debug + Send + Sync + 'static,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default,
 {
     let shared = shared.clone();
@@ -455,12 +455,7 @@ where
                     continue;
                 }
                 watcher::Event::InitApply(obj) => {
-                    let key = key_of(kind, &obj);
-                    let entry = entry_for(k.objects.get(&key), to_object(&obj));
-                    k.listing.get_or_insert_default().insert(key.clone(), entry);
-                    if let Some(p) = as_policy(&obj) {
-                        store.policies.insert(key, p);
-                    }
+                    record(store, plural, key_of(kind, &obj), to_object(&obj), true);
                     continue;
                 }
                 watcher::Event::InitDone => {
@@ -478,12 +473,7 @@ where
                     }
                 }
                 watcher::Event::Apply(obj) => {
-                    let key = key_of(kind, &obj);
-                    let entry = entry_for(k.objects.get(&key), to_object(&obj));
-                    k.objects.insert(key.clone(), entry);
-                    if let Some(p) = as_policy(&obj) {
-                        store.policies.insert(key, p);
-                    }
+                    record(store, plural, key_of(kind, &obj), to_object(&obj), false);
                 }
                 watcher::Event::Delete(obj) => {
                     let key = key_of(kind, &obj);
@@ -496,15 +486,26 @@ where
     })
 }
 
-/// The object as an AuthorizationPolicy, when it is one (for the status writer).
-fn as_policy<K: Resource + Serialize>(obj: &K) -> Option<AuthorizationPolicy>
-where
-    K::DynamicType: Default,
-{
-    if K::kind(&Default::default()) != crate::policy::KIND {
-        return None;
+/// Records a new version of an object: into the listing during a (re-)list, else into the objects in force. An
+/// AuthorizationPolicy is also kept as it is, valid or not, for the status writer.
+fn record(
+    store: &mut Store,
+    plural: &'static str,
+    key: ObjectKey,
+    converted: Result<Object, String>,
+    listing: bool,
+) {
+    if let Ok(Object::AuthorizationPolicy(p)) = &converted {
+        store.policies.insert(key.clone(), p.clone());
     }
-    convert(obj).ok()
+    let k = store.kinds.entry(plural).or_default();
+    let entry = entry_for(k.objects.get(&key), converted);
+    let into = if listing {
+        k.listing.get_or_insert_default()
+    } else {
+        &mut k.objects
+    };
+    into.insert(key, entry);
 }
 
 #[cfg(test)]

@@ -330,32 +330,21 @@ mod tests {
         }
         assert!(found.iter().all(|&n| n > 0), "examples found: {found:?}");
 
-        // The valid specs of `policy::eval::tests::validate_accepts_good_policies_including_l7` and
-        // `peerauth::tests::valid_objects`.
-        let policies = [
-            "{}",
-            "{action: DENY, rules: [{}]}",
-            "{action: AUDIT, rules: [{to: [{operation: {ports: ['8080', 9090], notPorts: [1]}}]}]}",
-            "{selector: {matchLabels: {app: web}}, rules: [{from: [{source: {principals: ['spiffe://cluster.local/ns/a/sa/b', 'cluster.local/ns/*'], notNamespaces: [x]}}]}]}",
-            "{rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, '2001:db8::/32', 1.2.3.4, '::/0', '::ffff:0:0/95'], notIpBlocks: ['fd00::1']}}]}]}",
-            "{rules: [{to: [{operation: {methods: [GET], paths: [/x]}}], when: [{key: a, values: [b]}]}]}",
-            "{rules: [{from: [{source: {requestPrincipals: ['*']}}]}]}",
-            // And the nulls the agent reads as absent.
-            "{selector: null, action: null, rules: null}",
-            "{rules: [{from: null, to: null, when: null}]}",
-            "{rules: [{from: [{source: {principals: null, namespaces: [a]}}]}]}",
-        ];
-        let peer_authentications = [
-            "{}",
-            "{mtls: {}}",
-            "{mtls: {mode: UNSET}}",
-            "{mtls: {mode: STRICT}}",
-            "{mtls: {mode: PERMISSIVE}}",
-            "{mtls: {mode: DISABLE}}",
-            "{selector: {matchLabels: {app: web}}, portLevelMtls: {1: {mode: DISABLE}, '65535': {}}}",
-            "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: UNSET}}}",
-            "{selector: null, mtls: {mode: null}, portLevelMtls: null}",
-        ];
+        // The specs the validators' own tests accept, and the nulls the agent reads as absent.
+        let policies: Vec<&str> = crate::policy::eval::VALID_SPECS
+            .iter()
+            .copied()
+            .chain([
+                "{selector: null, action: null, rules: null}",
+                "{rules: [{from: null, to: null, when: null}]}",
+                "{rules: [{from: [{source: {principals: null, namespaces: [a]}}]}]}",
+            ])
+            .collect();
+        let peer_authentications: Vec<&str> = crate::peerauth::VALID_SPECS
+            .iter()
+            .copied()
+            .chain(["{selector: null, mtls: {mode: null}, portLevelMtls: null}"])
+            .collect();
         for (kind, specs) in [
             (KINDS[0], &policies[..]),
             (KINDS[1], &peer_authentications[..]),

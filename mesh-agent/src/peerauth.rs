@@ -620,6 +620,19 @@ impl<'de> Deserialize<'de> for PortKey {
     }
 }
 
+/// Specs [`validate`] accepts: the validator's tests and the CRD schema's tests both check them.
+#[cfg(test)]
+pub(crate) const VALID_SPECS: &[&str] = &[
+    "{}",
+    "{mtls: {}}",
+    "{mtls: {mode: UNSET}}",
+    "{mtls: {mode: STRICT}}",
+    "{mtls: {mode: PERMISSIVE}}",
+    "{mtls: {mode: DISABLE}}",
+    "{selector: {matchLabels: {app: web}}, portLevelMtls: {1: {mode: DISABLE}, '65535': {}}}",
+    "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: UNSET}}}",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -797,16 +810,7 @@ spec:
 
     #[test]
     fn valid_objects() {
-        for spec in [
-            "{}",
-            "{mtls: {}}",
-            "{mtls: {mode: UNSET}}",
-            "{mtls: {mode: STRICT}}",
-            "{mtls: {mode: PERMISSIVE}}",
-            "{mtls: {mode: DISABLE}}",
-            "{selector: {matchLabels: {app: web}}, portLevelMtls: {1: {mode: DISABLE}, '65535': {}}}",
-            "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: UNSET}}}",
-        ] {
+        for spec in VALID_SPECS {
             assert_eq!(validate(&obj("shop", "p", spec)), Ok(()), "{spec}");
         }
     }

@@ -1078,6 +1078,20 @@ impl AsText for Port {
     }
 }
 
+/// Specs [`validate`] accepts (including L7 ones, which it accepts and marks as needing the proxy): the validator's
+/// tests and the CRD schema's tests both check them, so the two cannot drift apart.
+#[cfg(test)]
+pub(crate) const VALID_SPECS: &[&str] = &[
+    "{}",
+    "{action: DENY, rules: [{}]}",
+    "{action: AUDIT, rules: [{to: [{operation: {ports: ['8080', 9090], notPorts: [1]}}]}]}",
+    "{selector: {matchLabels: {app: web}}, rules: [{from: [{source: {principals: ['spiffe://cluster.local/ns/a/sa/b', 'cluster.local/ns/*'], notNamespaces: [x]}}]}]}",
+    "{rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, '2001:db8::/32', 1.2.3.4, '::/0', '::ffff:0:0/95'], notIpBlocks: ['fd00::1']}}]}]}",
+    // L7: valid, the status says it needs a proxy.
+    "{rules: [{to: [{operation: {methods: [GET], paths: [/x]}}], when: [{key: a, values: [b]}]}]}",
+    "{rules: [{from: [{source: {requestPrincipals: ['*']}}]}]}",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2402,16 +2416,7 @@ spec:
 
     #[test]
     fn validate_accepts_good_policies_including_l7() {
-        for spec in [
-            "{}",
-            "{action: DENY, rules: [{}]}",
-            "{action: AUDIT, rules: [{to: [{operation: {ports: ['8080', 9090], notPorts: [1]}}]}]}",
-            "{selector: {matchLabels: {app: web}}, rules: [{from: [{source: {principals: ['spiffe://cluster.local/ns/a/sa/b', 'cluster.local/ns/*'], notNamespaces: [x]}}]}]}",
-            "{rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, '2001:db8::/32', 1.2.3.4, '::/0', '::ffff:0:0/95'], notIpBlocks: ['fd00::1']}}]}]}",
-            // L7: valid, the status says it needs a proxy.
-            "{rules: [{to: [{operation: {methods: [GET], paths: [/x]}}], when: [{key: a, values: [b]}]}]}",
-            "{rules: [{from: [{source: {requestPrincipals: ['*']}}]}]}",
-        ] {
+        for spec in VALID_SPECS {
             let p = pol(&format!("metadata: {{name: p}}\nspec: {spec}\n"));
             assert_eq!(validate(&p), Ok(()), "{spec}");
         }

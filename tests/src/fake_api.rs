@@ -883,6 +883,11 @@ impl State {
 
     fn list(&self, t: &ResType, sel: &Watch) -> Reply {
         let items: Vec<Value> = self.selected(sel).map(|obj| list_item(t, obj)).collect();
+        self.list_reply(t, items)
+    }
+
+    /// A `<Kind>List` of `items` at the current resource version.
+    fn list_reply(&self, t: &ResType, items: Vec<Value>) -> Reply {
         Reply::Json(
             StatusCode::OK,
             json!({
@@ -906,15 +911,7 @@ impl State {
             .filter_map(|(ty, ns, name)| self.remove(ty, &ns, &name))
             .map(|obj| list_item(t, &obj))
             .collect();
-        Reply::Json(
-            StatusCode::OK,
-            json!({
-                "kind": format!("{}List", t.kind),
-                "apiVersion": t.api_version(),
-                "metadata": {"resourceVersion": self.rv.to_string()},
-                "items": items,
-            }),
-        )
+        self.list_reply(t, items)
     }
 
     /// Opens a watch: replays what happened after its resource version (all current objects as `ADDED` from

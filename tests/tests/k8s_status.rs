@@ -414,18 +414,24 @@ async fn a_write_is_not_repeated_before_the_watch_delivers_it() {
     .await;
 }
 
+/// The three policies applied; agent-a elected and their statuses written; agent-b started beside it.
+async fn a_leads_b_follows(api: &Arc<FakeApi>) -> (Agent, Agent) {
+    apply_policies(api);
+    let a = Agent::start(api, "agent-a", (DURATION, RENEW), live(api));
+    until("agent-a leads", Duration::from_secs(5), || {
+        a.leader().then_some(())
+    })
+    .await;
+    let b = Agent::start(api, "agent-b", (DURATION, RENEW), live(api));
+    wait_statuses(api, &["db", "web", "bad"]).await;
+    (a, b)
+}
+
 #[tokio::test]
 async fn a_stopped_leader_hands_over_at_once() {
     bounded(async {
         let api = Arc::new(FakeApi::start().unwrap());
-        apply_policies(&api);
-        let a = Agent::start(&api, "agent-a", (DURATION, RENEW), live(&api));
-        until("agent-a leads", Duration::from_secs(5), || {
-            a.leader().then_some(())
-        })
-        .await;
-        let b = Agent::start(&api, "agent-b", (DURATION, RENEW), live(&api));
-        wait_statuses(&api, &["db", "web", "bad"]).await;
+        let (a, b) = a_leads_b_follows(&api).await;
         // Two passes of agent-a's: agent-b has read the lease and follows.
         two_more_passes(&a, 3).await;
         assert!(!b.leader());
@@ -463,14 +469,7 @@ async fn a_stopped_leader_hands_over_at_once() {
 async fn a_dead_leader_is_replaced_after_its_lease_expires() {
     bounded(async {
         let api = Arc::new(FakeApi::start().unwrap());
-        apply_policies(&api);
-        let a = Agent::start(&api, "agent-a", (DURATION, RENEW), live(&api));
-        until("agent-a leads", Duration::from_secs(5), || {
-            a.leader().then_some(())
-        })
-        .await;
-        let b = Agent::start(&api, "agent-b", (DURATION, RENEW), live(&api));
-        wait_statuses(&api, &["db", "web", "bad"]).await;
+        let (a, b) = a_leads_b_follows(&api).await;
 
         // Killed: no release.
         a.task.abort();

@@ -22,7 +22,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The API group/version of [`PeerAuthentication`].
-pub const API_VERSION: &str = "security.sinew.dev/v1alpha1";
+pub const API_VERSION: &str = crate::policy::API_VERSION;
 /// The kind of [`PeerAuthentication`].
 pub const KIND: &str = "PeerAuthentication";
 

@@ -1,9 +1,9 @@
 //! `mesh-agent run`: install (or adopt) the datapath, then keep the maps in sync with the source.
 //!
-//! Loop: look at the source (the directory, or the kubernetes watchers' revision) every 200 ms (a change reaches the maps well within 1 s), load it, compute the
-//! desired state (pure), apply it with the reconciler. A full resync runs every 30 s even without a change, which
-//! repairs drift (someone deleting an entry by hand). A failed apply is retried on the next tick; the maps keep the
-//! last good state in the meantime.
+//! Loop: look at the source (the directory, or the kubernetes watchers' revision) every 200 ms (a change reaches
+//! the maps well within 1 s), load it, compute the desired state (pure), apply it with the reconciler. A full resync
+//! runs every 30 s even without a change, which repairs drift (someone deleting an entry by hand). A failed apply is
+//! retried on the next tick; the maps keep the last good state in the meantime.
 
 use std::{
     sync::{Arc, Mutex, atomic::Ordering},

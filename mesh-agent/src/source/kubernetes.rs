@@ -45,22 +45,14 @@ use crate::policy::AuthorizationPolicy;
 /// What [`SourceError::file`] says for objects from the API server.
 pub const ORIGIN: &str = "kubernetes";
 
-/// The kinds watched, in the order a snapshot lists them: (plural resource, API group, kind).
-const KINDS: [(&str, &str, &str); 6] = [
-    ("namespaces", "", "Namespace"),
-    ("services", "", "Service"),
-    ("endpointslices", "discovery.k8s.io", "EndpointSlice"),
-    ("pods", "", "Pod"),
-    (
-        "authorizationpolicies",
-        "security.sinew.dev",
-        crate::policy::KIND,
-    ),
-    (
-        "peerauthentications",
-        "security.sinew.dev",
-        crate::peerauth::KIND,
-    ),
+/// The kinds watched, in the order a snapshot lists them: (plural resource, kind).
+const KINDS: [(&str, &str); 6] = [
+    ("namespaces", "Namespace"),
+    ("services", "Service"),
+    ("endpointslices", "EndpointSlice"),
+    ("pods", "Pod"),
+    ("authorizationpolicies", crate::policy::KIND),
+    ("peerauthentications", crate::peerauth::KIND),
 ];
 
 /// The agent's client: `kubeconfig` if given, else `KUBECONFIG`, `~/.kube/config`, then the in-cluster
@@ -163,7 +155,7 @@ impl KubeSource {
         let shared = Arc::new(Shared::default());
         {
             let mut store = shared.lock();
-            for (plural, _, _) in KINDS {
+            for (plural, _) in KINDS {
                 store.kinds.insert(plural, KindStore::default());
             }
         }
@@ -254,7 +246,7 @@ impl KubeSource {
         let mut errors = Vec::new();
         {
             let store = self.shared.lock();
-            for (plural, _, _) in KINDS {
+            for (plural, _) in KINDS {
                 let Some(kind) = store.kinds.get(plural) else {
                     continue;
                 };
@@ -420,8 +412,8 @@ where
     let shared = shared.clone();
     let kind = KINDS
         .iter()
-        .find(|(p, _, _)| *p == plural)
-        .map(|(_, _, k)| *k)
+        .find(|(p, _)| *p == plural)
+        .map(|(_, k)| *k)
         .unwrap_or("Unknown");
     tokio::spawn(async move {
         let mut stream = watcher(api, watcher::Config::default())

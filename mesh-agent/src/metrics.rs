@@ -1,7 +1,7 @@
 //! Prometheus metrics: the agent's own counters, plus a collector that reads the kernel's per-CPU service counters
 //! at scrape time (so a scrape always sees the kernel's numbers, with no polling in between).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, atomic::Ordering};
 
 use prometheus_client::{
     collector::Collector,
@@ -16,7 +16,8 @@ use prometheus_client::{
 };
 
 use crate::{
-    datapath::Datapath, identity::CertManager, policy::live::PolicyPlane, proxy::ProxyMetrics,
+    datapath::Datapath, identity::CertManager, policy::live::PolicyPlane,
+    policy::status::StatusStats, proxy::ProxyMetrics,
 };
 
 /// Labels of `sinew_policy_denials_total`: one series per direction, protocol and identity pair.
@@ -84,11 +85,15 @@ impl Metrics {
         datapath: Arc<Mutex<Datapath>>,
         policy: Arc<Mutex<PolicyPlane>>,
         mesh: Option<(&ProxyMetrics, Arc<CertManager>)>,
+        status: Option<Arc<StatusStats>>,
     ) -> Self {
         let mut root = Registry::default();
         if let Some((proxy, certs)) = mesh {
             proxy.register(&mut root);
             root.register_collector(Box::new(CertCollector { certs }));
+        }
+        if let Some(stats) = status {
+            root.register_collector(Box::new(StatusCollector { stats }));
         }
         let registry = root.sub_registry_with_prefix("sinew");
         let info = Info::new(vec![
@@ -381,6 +386,47 @@ impl Collector for CertCollector {
                 .encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+/// The policy status writer's counters (kubernetes source), read at scrape time.
+#[derive(Debug)]
+struct StatusCollector {
+    stats: Arc<StatusStats>,
+}
+
+impl Collector for StatusCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.stats;
+        for (name, help, v) in [
+            (
+                "sinew_policy_status_writes",
+                "AuthorizationPolicy status patches written by this agent while it held the Lease",
+                &s.writes,
+            ),
+            (
+                "sinew_policy_status_skipped",
+                "Status checks that found the status already as it should be (no write)",
+                &s.skipped,
+            ),
+            (
+                "sinew_policy_status_errors",
+                "Failed status patches and Lease reads or writes",
+                &s.errors,
+            ),
+        ] {
+            encode_counter(&mut encoder, name, help, v.load(Ordering::Relaxed))?;
+        }
+        let family = encoder.encode_descriptor(
+            "sinew_policy_status_leader",
+            "1 while this agent holds the Lease and writes policy status",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        prometheus_client::metrics::gauge::ConstGauge::new(i64::from(
+            s.leader.load(Ordering::Relaxed),
+        ))
+        .encode(family)
     }
 }
 

@@ -149,6 +149,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let mut status_writer = StatusTask::start(&cfg, &input);
     let admin_state = Arc::new(AdminState {
         ready: false.into(),
         metrics: Metrics::new(
@@ -156,6 +157,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             datapath.clone(),
             plane.clone(),
             mesh.as_ref().map(|m| (&m.metrics, m.certs.clone())),
+            status_writer.as_ref().map(|w| w.stats.clone()),
         ),
         datapath: datapath.clone(),
         policy: plane.clone(),
@@ -163,7 +165,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     admin::serve(cfg.admin_addr, admin_state.clone()).await?;
     let events = tokio::spawn(events::run(layout.clone(), admin_state.clone()));
-    let mut status_writer = StatusTask::start(&cfg, &input);
 
     let mut last_sync: Option<Instant> = None;
     let mut retry = false;
@@ -276,6 +277,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
 /// The policy status writer's task (kubernetes source only), and how to nudge and stop it.
 struct StatusTask {
+    /// Its counters, exported as `sinew_policy_status_*`.
+    stats: Arc<crate::policy::status::StatusStats>,
     changed: tokio::sync::watch::Sender<u64>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -296,8 +299,10 @@ impl StatusTask {
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let shared = source.shared();
         let writer = StatusWriter::new(client.clone(), lease).with_changes(changed_rx);
+        let stats = writer.stats();
         let task = tokio::spawn(writer.run(move || shared.policies(), stop_rx));
         Some(StatusTask {
+            stats,
             changed,
             stop,
             task,

@@ -252,6 +252,18 @@ fn kubernetes_source_programs_and_enforces_like_the_file_source() {
                 })
         },
     );
+    let m = agent.metrics().expect("metrics");
+    assert_eq!(
+        m.get("sinew_policy_status_leader", &[]),
+        Some(1.0),
+        "the only agent holds the Lease"
+    );
+    assert!(
+        m.get("sinew_policy_status_writes_total", &[])
+            .unwrap_or(0.0)
+            >= 1.0,
+        "status writes are counted"
+    );
     f.source.remove("policy-deny.yaml").unwrap();
     mirror.sync(f.source.path()).unwrap();
     eventually(Duration::from_secs(10), "the DENY policy is gone", || {

@@ -35,6 +35,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Lifetime of the workload certificates (renewed at half-life).
     pub svid_lifetime: Duration,
+    /// Same-node socket acceleration (sockops + sk_msg).
+    pub sockmap: crate::ebpf::accel::SockmapSettings,
 }
 
 /// The source of Kubernetes objects.
@@ -197,6 +199,14 @@ pub struct RunArgs {
     /// The host's /proc, where pod processes' network namespaces are opened (default /proc).
     #[arg(long, value_name = "PATH")]
     pub proc_root: Option<PathBuf>,
+    /// Same-node socket acceleration: hand the bytes of TCP connections between two pods of this node straight
+    /// from socket to socket (sockops + sk_msg) where policy needs no proxy (default false; docs/performance.md).
+    #[arg(long, value_name = "BOOL")]
+    pub sockmap: Option<bool>,
+    /// With --sockmap: also attach the pass-everything stream verdict program that works around lost epoll
+    /// wakeups on Linux 6.18.14+ (default true; docs/performance.md).
+    #[arg(long, value_name = "BOOL")]
+    pub sockmap_stream_verdict: Option<bool>,
     /// Kubernetes source: take part in electing the agent that writes AuthorizationPolicy status (default true).
     #[arg(long, value_name = "BOOL")]
     pub policy_status: Option<bool>,
@@ -243,6 +253,8 @@ struct FileConfig {
     lease_namespace: Option<String>,
     lease_name: Option<String>,
     lease_holder: Option<String>,
+    sockmap: Option<bool>,
+    sockmap_stream_verdict: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -498,6 +510,13 @@ impl RunArgs {
             ca_dir: self.ca_dir.clone().or(file.ca_dir),
             state_dir,
             svid_lifetime,
+            sockmap: crate::ebpf::accel::SockmapSettings {
+                enabled: self.sockmap.or(file.sockmap).unwrap_or(false),
+                stream_verdict: self
+                    .sockmap_stream_verdict
+                    .or(file.sockmap_stream_verdict)
+                    .unwrap_or(true),
+            },
             mesh_root_namespace,
             trust_domain,
             policy_events_per_sec,

@@ -241,11 +241,10 @@ impl std::fmt::Debug for PolicyPlane {
 
 impl Collector for PolicyKernelCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let c = self
-            .policy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .counters();
+        let (c, (accel, sockets), sockmap) = {
+            let plane = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+            (plane.counters(), plane.accel(), plane.settings().sockmap)
+        };
         let mut family = encoder.encode_descriptor(
             "policy_kernel_verdicts",
             "Connections the kernel judged under policy (egress: at connect; ingress: first packet)",
@@ -307,8 +306,53 @@ impl Collector for PolicyKernelCounters {
                 "Workload connects to the node proxy's own address, refused by the kernel",
                 c.proxy_refused,
             ),
+            (
+                "sockmap_inserts",
+                "Sockets added to sk_conns for same-node acceleration (two per connection)",
+                accel.inserts,
+            ),
+            (
+                "sockmap_redirects",
+                "Sends handed straight to the peer socket by the accel sk_msg program",
+                accel.redirects,
+            ),
+            (
+                "sockmap_misses",
+                "Sends of accelerated sockets that went through the TCP/IP stack (no peer socket in sk_conns)",
+                accel.misses,
+            ),
+            (
+                "sockmap_redirected_bytes",
+                "Bytes handed straight to the peer socket",
+                accel.redirected_bytes,
+            ),
+            (
+                "sockmap_insert_errors",
+                "Eligible sockets the kernel refused to add to sk_conns",
+                accel.insert_errors,
+            ),
         ] {
             encode_counter(&mut encoder, name, help, v)?;
+        }
+        for (name, help, v) in [
+            (
+                "sockmap_enabled",
+                "1 when new same-node connections are accelerated (--sockmap)",
+                i64::from(sockmap),
+            ),
+            (
+                "sockmap_sockets",
+                "Sockets in sk_conns now (two per accelerated connection)",
+                sockets as i64,
+            ),
+        ] {
+            let family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            prometheus_client::metrics::gauge::ConstGauge::new(v).encode(family)?;
         }
         Ok(())
     }

@@ -50,6 +50,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         bpffs_root = %cfg.bpffs_root.display(),
         admin_addr = %cfg.admin_addr,
         log_format = ?cfg.log_format,
+        sockmap = cfg.sockmap.enabled,
+        sockmap_stream_verdict = cfg.sockmap.stream_verdict,
         "effective configuration"
     );
     if let Some(dir) = cfg.source.dir()
@@ -106,30 +108,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             addr4: Some(p.addr),
             addr6: p.addr6,
         });
-    let (report, (datapath, plane)) = ebpf::install(&layout, &cfg.cgroup_root, || {
-        let datapath = Arc::new(Mutex::new(Datapath::new(Reconciler::new(Maps::open(
-            &layout,
-        )?)?)));
-        let plane = Arc::new(Mutex::new(PolicyPlane::new(
-            PolicyMaps::open(&layout)?,
-            PolicySettings {
-                node: cfg.node.clone(),
-                root_namespace: cfg.mesh_root_namespace.clone(),
-                trust_domain: cfg.trust_domain.clone(),
-                limits: EventLimits {
-                    per_sec: cfg.policy_events_per_sec,
-                    // A short burst is reported in full; a flood is sampled at the rate.
-                    burst: cfg.policy_events_per_sec.clamp(1, 1000),
+    let (report, (datapath, plane)) =
+        ebpf::install(&layout, &cfg.cgroup_root, cfg.sockmap, || {
+            let datapath = Arc::new(Mutex::new(Datapath::new(Reconciler::new(Maps::open(
+                &layout,
+            )?)?)));
+            let plane = Arc::new(Mutex::new(PolicyPlane::new(
+                PolicyMaps::open(&layout)?,
+                PolicySettings {
+                    node: cfg.node.clone(),
+                    root_namespace: cfg.mesh_root_namespace.clone(),
+                    trust_domain: cfg.trust_domain.clone(),
+                    limits: EventLimits {
+                        per_sec: cfg.policy_events_per_sec,
+                        // A short burst is reported in full; a flood is sampled at the rate.
+                        burst: cfg.policy_events_per_sec.clamp(1, 1000),
+                    },
+                    proxy: redirect,
+                    sockmap: cfg.sockmap.enabled,
                 },
-                proxy: redirect,
-            },
-        )));
-        presync(&mut input, &cfg, &datapath, &plane);
-        Ok((datapath, plane))
-    })?;
+            )));
+            presync(&mut input, &cfg, &datapath, &plane);
+            Ok((datapath, plane))
+        })?;
     info!(
         attached = ?report.attached,
         replaced = ?report.replaced,
+        detached = ?report.detached,
         adopted_maps = report.adopted_maps,
         "datapath installed"
     );

@@ -1,5 +1,6 @@
 //! The agent's few raw system calls that neither std nor aya 0.14 wrap: filesystem magic checks, mounting bpffs,
-//! and `BPF_LINK_UPDATE` (swapping the program behind a pinned cgroup link without detaching it).
+//! `BPF_LINK_UPDATE` (swapping the program behind a pinned cgroup link without detaching it), sockmap links, and
+//! `SOCK_DESTROY` (resetting a connection whose acceleration policy revoked).
 #![allow(unsafe_code)]
 
 use std::{
@@ -71,22 +72,75 @@ pub fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: attr is a valid, fully initialised bpf_attr prefix and its size is passed along.
+    bpf(BPF_LINK_UPDATE, &attr).map(drop)
+}
+
+/// `bpf(cmd, attr, sizeof attr)`. Every `attr` here is a `#[repr(C)]` prefix of `union bpf_attr` with no implicit
+/// padding, fully initialised; the kernel zero-extends what it does not get.
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<i64> {
+    // SAFETY: attr is valid for reads of size_of::<T>() bytes for the duration of the call, and any pointer
+    // inside it points at memory that outlives the call (the callers' locals).
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &attr as *const LinkUpdateAttr,
-            std::mem::size_of::<LinkUpdateAttr>() as u32,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>() as u32,
         )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
 }
 
-/// `union bpf_attr` as used by `BPF_OBJ_GET`.
+/// `union bpf_attr` as used by `BPF_LINK_CREATE` for a sockmap target.
+#[repr(C)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+const BPF_LINK_CREATE: libc::c_long = 28;
+/// `BPF_SK_MSG_VERDICT`.
+pub const ATTACH_SK_MSG_VERDICT: u32 = 7;
+/// `BPF_SK_SKB_STREAM_VERDICT`.
+pub const ATTACH_SK_SKB_STREAM_VERDICT: u32 = 5;
+
+/// Attaches `prog` to the sockmap or sockhash `map` through a bpf_link (Linux 6.10+), which aya 0.14 does not
+/// wrap: unlike the older `BPF_PROG_ATTACH`, the link can be pinned, listed by `bpftool link` and updated in place.
+pub fn sockmap_link_create(
+    prog: impl AsFd,
+    map: impl AsFd,
+    attach_type: u32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    let attr = LinkCreateAttr {
+        prog_fd: prog.as_fd().as_raw_fd() as u32,
+        target_fd: map.as_fd().as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    let fd = bpf(BPF_LINK_CREATE, &attr)?;
+    // SAFETY: the kernel returned a fresh fd that we now own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+
+/// Pins a bpf object (here: a link) at `path`.
+pub fn obj_pin(obj: impl AsFd, path: &Path) -> io::Result<()> {
+    let c = cstr(path)?;
+    let attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: obj.as_fd().as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_PIN, &attr).map(drop)
+}
+
+/// `union bpf_attr` as used by `BPF_OBJ_GET` and `BPF_OBJ_PIN`.
 #[repr(C)]
 struct ObjGetAttr {
     pathname: u64,
@@ -98,25 +152,13 @@ const BPF_OBJ_GET: libc::c_long = 7;
 
 /// Opens a pinned bpf object (here: a link) and returns an owned fd, which aya 0.14's `PinnedLink` does not expose.
 pub fn obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
     let c = cstr(path)?;
     let attr = ObjGetAttr {
         pathname: c.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: attr points at a valid NUL-terminated path that outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGetAttr,
-            std::mem::size_of::<ObjGetAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let rc = bpf(BPF_OBJ_GET, &attr)?;
     // SAFETY: the kernel returned a fresh fd that we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(rc as i32) })
 }
@@ -159,7 +201,7 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
         let mut cookie: u64 = 0;
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
         let rc = unsafe {
@@ -295,4 +337,126 @@ pub fn trim_heap() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// `struct inet_diag_req_v2` behind its `nlmsghdr`, as `SOCK_DESTROY` takes it.
+#[repr(C)]
+struct SockDestroyMsg {
+    // struct nlmsghdr
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+    // struct inet_diag_req_v2
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    // struct inet_diag_sockid (ports and addresses in network order)
+    sport: [u8; 2],
+    dport: [u8; 2],
+    src: [u8; 16],
+    dst: [u8; 16],
+    ifindex: u32,
+    cookie: [u32; 2],
+}
+
+const NETLINK_INET_DIAG: libc::c_int = 4;
+const SOCK_DESTROY: u16 = 21;
+
+/// Aborts the TCP socket `local` -> `remote` of the calling thread's network namespace, as `ss -K` does: the
+/// kernel sends a RST to the peer and the owner's next call fails with ECONNABORTED. Both addresses are as the
+/// socket sees them; an IPv4 connection is looked up as an IPv4 socket first, then as a v4-mapped IPv6 one.
+/// `Ok(false)`: no such socket.
+pub fn destroy_tcp(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> io::Result<bool> {
+    use std::net::IpAddr;
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_INET_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that we now own.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let bytes = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            b
+        }
+        IpAddr::V6(a) => a.octets(),
+    };
+    let mapped = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => IpAddr::V6(a.to_ipv6_mapped()),
+        v6 => v6,
+    };
+    let (l, r) = (local.ip().to_canonical(), remote.ip().to_canonical());
+    let mut tries = vec![(l, r)];
+    if l.is_ipv4() {
+        tries.push((mapped(l), mapped(r)));
+    }
+    for (seq, (lip, rip)) in tries.into_iter().enumerate() {
+        let msg = SockDestroyMsg {
+            len: std::mem::size_of::<SockDestroyMsg>() as u32,
+            kind: SOCK_DESTROY,
+            flags: (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+            seq: seq as u32 + 1,
+            pid: 0,
+            family: if lip.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            } as u8,
+            protocol: libc::IPPROTO_TCP as u8,
+            ext: 0,
+            pad: 0,
+            states: u32::MAX,
+            sport: local.port().to_be_bytes(),
+            dport: remote.port().to_be_bytes(),
+            src: bytes(lip),
+            dst: bytes(rip),
+            ifindex: 0,
+            // INET_DIAG_NOCOOKIE: match by tuple only.
+            cookie: [u32::MAX; 2],
+        };
+        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        kernel.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: msg and kernel are valid for their sizes during the call.
+        let rc = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                (&msg as *const SockDestroyMsg).cast(),
+                std::mem::size_of::<SockDestroyMsg>(),
+                0,
+                (&kernel as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The ACK: an nlmsghdr followed by struct nlmsgerr, whose first field is the (negative) errno.
+        let mut buf = [0u8; 512];
+        // SAFETY: buf is valid for writes of its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n < 20 {
+            return Err(io::Error::other("short netlink answer to SOCK_DESTROY"));
+        }
+        let errno = -i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        match errno {
+            0 => return Ok(true),
+            libc::ENOENT => continue,
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+    Ok(false)
 }

@@ -10,10 +10,11 @@
 //!   Both choices are for operators: `bpftool map dump` then shows `[..,255,255,10,96,0,10]` and `80`.
 #![no_std]
 
+pub mod accel;
 pub mod policy;
 
 /// Bumped by hand whenever the meaning (not only the size) of a map changes.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// `IPPROTO_TCP`.
 pub const PROTO_TCP: u8 = 6;
@@ -74,8 +75,18 @@ pub mod map_names {
     /// [`crate::policy::OrigKey`] -> [`crate::policy::OrigDst`] (LRU): redirected connections waiting for the
     /// node proxy to accept them.
     pub const PROXY_ORIG: &str = "proxy_orig";
+    /// SockHash of accelerated same-node sockets (issue 6), by [`crate::accel::SockKey`].
+    pub const SK_CONNS: &str = "sk_conns";
+    /// The client end of each accelerated connection (LRU), for re-judging it when policy changes.
+    pub const SK_CLIENTS: &str = "sk_clients";
+    /// Local pod address -> the pod's netns cookie: who may be accelerated, and the peer half of the key.
+    pub const SK_PODS: &str = "sk_pods";
+    /// Per-CPU acceleration counters, by [`crate::accel::counter`] index.
+    pub const SK_COUNTERS: &str = "sk_counters";
+    /// Per-socket acceleration state (socket storage): whether the socket fell back to the stack for good.
+    pub const SK_STATE: &str = "sk_state";
     /// Every map, in the order the agent creates and pins them.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -94,6 +105,11 @@ pub mod map_names {
         MTLS_PORTS,
         PROXY_PENDING,
         PROXY_ORIG,
+        SK_CONNS,
+        SK_CLIENTS,
+        SK_PODS,
+        SK_COUNTERS,
+        SK_STATE,
         ABI,
     ];
 }
@@ -252,6 +268,11 @@ pub const ABI_HASH: u32 = {
         core::mem::size_of::<policy::OrigKey>(),
         policy::MAX_MTLS_PORTS as usize,
         policy::MAX_PROXY_CONNS as usize,
+        core::mem::size_of::<accel::SockKey>(),
+        core::mem::size_of::<accel::AccelConn>(),
+        accel::MAX_SOCK_CONNS as usize,
+        accel::MAX_SOCK_PODS as usize,
+        accel::counter::COUNT as usize,
     ];
     // FNV-1a over the parts: const-evaluable and stable across builds.
     let mut h: u32 = 0x811c_9dc5;
@@ -352,4 +373,6 @@ mod user {
     unsafe impl aya::Pod for policy::OrigDst {}
     unsafe impl aya::Pod for policy::OrigKey {}
     unsafe impl aya::Pod for policy::UdpPeer {}
+    unsafe impl aya::Pod for accel::SockKey {}
+    unsafe impl aya::Pod for accel::AccelConn {}
 }

@@ -17,14 +17,16 @@
 #![no_std]
 #![no_main]
 
+mod accel;
 mod lb;
 mod maps;
 mod policy;
 mod redirect;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock_addr, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    bindings::sk_action,
+    macros::{cgroup_skb, cgroup_sock_addr, sk_msg, sock_ops, stream_verdict},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 
 /// sock_addr programs return 1 to let the syscall proceed.
@@ -87,6 +89,28 @@ pub fn proxy_sockops(ctx: SockOpsContext) -> u32 {
     redirect::sock_ops(&ctx);
     // sock_ops programs return 1 ("ok"); the value only matters for the callbacks that ask for a reply.
     1
+}
+
+/// Same-node acceleration: adds established connections between local pods to `sk_conns` (only attached when the
+/// agent runs with `--sockmap`).
+#[sock_ops]
+pub fn accel_sockops(ctx: SockOpsContext) -> u32 {
+    accel::sock_ops(&ctx);
+    1
+}
+
+/// Same-node acceleration: hands each send of a socket in `sk_conns` to its peer socket.
+#[sk_msg]
+pub fn accel_msg(ctx: SkMsgContext) -> u32 {
+    accel::msg(&ctx)
+}
+
+/// Same-node acceleration: a verdict program that passes every received packet to the socket. Attaching it to
+/// `sk_conns` makes the kernel queue everything a socket in the map receives through the psock, which works around
+/// lost wakeups with sk_msg-only sockets on some 6.18 kernels (docs/performance.md).
+#[stream_verdict]
+pub fn accel_verdict(_ctx: SkBuffContext) -> u32 {
+    sk_action::SK_PASS
 }
 
 #[cfg(not(test))]

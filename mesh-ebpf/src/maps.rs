@@ -2,12 +2,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage, SockHash},
     macros::btf_map,
 };
 use mesh_common::{
     AbiRecord, Backend, MAX_BACKENDS, MAX_REV_NAT, MAX_SERVICES, MAX_SLOTS, RevNatKey, RevNatValue,
     ServiceCounters, ServiceKey, ServiceValue, SlotKey, SlotValue,
+    accel::{AccelConn, MAX_SOCK_CONNS, MAX_SOCK_PODS, SockKey, counter as accel_counter},
     policy::{
         EVENTS_RING_BYTES, FlowKey, FlowValue, IpInfo, LocalEndpoint, MAX_IPCACHE, MAX_LOCAL_EPS,
         MAX_MTLS_PORTS, MAX_POLICY, MAX_PROXY_CONNS, MAX_UDP_FLOWS, MAX_UDP_REPLIES, MtlsPortKey,
@@ -86,3 +87,22 @@ pub static PROXY_PENDING: LruHashMap<u64, OrigDst, { MAX_PROXY_CONNS as usize }>
 #[btf_map(name = "proxy_orig")]
 pub static PROXY_ORIG: LruHashMap<OrigKey, OrigDst, { MAX_PROXY_CONNS as usize }> =
     LruHashMap::new();
+
+/// Accelerated same-node sockets (issue 6); the accel sk_msg program is attached to this map.
+#[btf_map(name = "sk_conns")]
+pub static SK_CONNS: SockHash<SockKey, { MAX_SOCK_CONNS as usize }> = SockHash::new();
+
+#[btf_map(name = "sk_clients")]
+pub static SK_CLIENTS: LruHashMap<SockKey, AccelConn, { MAX_SOCK_CONNS as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "sk_pods")]
+pub static SK_PODS: HashMap<[u8; 16], u64, { MAX_SOCK_PODS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "sk_counters")]
+pub static SK_COUNTERS: PerCpuArray<u64, { accel_counter::COUNT as usize }> = PerCpuArray::new();
+
+/// Per-socket acceleration state (flags), freed with the socket.
+#[btf_map(name = "sk_state")]
+pub static SK_STATE: SkStorage<u32> = SkStorage::new();

@@ -27,6 +27,8 @@ pub struct Status {
     pub abi: Option<AbiStatus>,
     pub programs: Vec<ProgramStatus>,
     pub maps: Vec<MapStatus>,
+    /// Same-node socket acceleration.
+    pub sockmap: SockmapStatus,
     /// The node proxy's certificates (CA, proxy, one per local enrolled service account), from the running agent's
     /// `/debug/certs`; empty when the agent is down or its proxy is off.
     pub certificates: Vec<CertStatus>,
@@ -42,6 +44,16 @@ pub struct CertStatus {
     #[serde(default)]
     pub renew_at: Option<String>,
     pub expires_in_secs: i64,
+}
+
+/// Same-node socket acceleration as the pins show it.
+#[derive(Debug, Serialize)]
+pub struct SockmapStatus {
+    /// `--sockmap` is in force: the sock_ops program that accelerates new connections is attached.
+    pub enabled: bool,
+    /// Sockets in `sk_conns` now (two per accelerated connection).
+    pub connections: Option<usize>,
+    pub counters: Option<super::accel::AccelCounters>,
 }
 
 #[derive(Debug, Serialize)]
@@ -99,6 +111,7 @@ pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
     });
     let programs = PROGRAMS
         .iter()
+        .chain(super::accel::PROGRAMS.iter())
         .map(|name| {
             let pin = layout.link(name);
             let info = PinnedLink::from_pin(&pin)
@@ -149,6 +162,9 @@ pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
                 mesh_common::policy::UdpPeer,
             >(layout, name)?,
             map_names::MTLS_PORTS => p.mtls_ports.keys().count(),
+            map_names::SK_CONNS => p.accel.sockets(),
+            map_names::SK_CLIENTS => p.accel.clients.keys().count(),
+            map_names::SK_PODS => p.accel.pods.keys().count(),
             map_names::PROXY_PENDING => {
                 lru_entries::<u64, mesh_common::policy::OrigDst>(layout, name)?
             }
@@ -183,6 +199,11 @@ pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
             }
         })
         .collect();
+    let sockmap = SockmapStatus {
+        enabled: super::accel::enabled(layout),
+        connections: policy_handle.as_ref().map(|p| p.accel.sockets()),
+        counters: policy_handle.as_ref().map(|p| p.accel.counters()),
+    };
     let agent = probe_ready(admin);
     // Certificates live in the agent's memory, not in the pins: ask it (a down agent has none to show).
     let certificates = crate::client::get(admin, "/debug/certs")
@@ -195,6 +216,7 @@ pub fn status(layout: &Layout, admin: SocketAddr) -> anyhow::Result<Status> {
         abi,
         programs,
         maps,
+        sockmap,
         certificates,
     })
 }
@@ -207,6 +229,8 @@ fn map_kind(t: MapType) -> &'static str {
         MapType::PerCpuArray => "percpu_array",
         MapType::LpmTrie => "lpm_trie",
         MapType::RingBuf => "ringbuf",
+        MapType::SockHash => "sockhash",
+        MapType::SkStorage => "sk_storage",
         _ => "other",
     }
 }
@@ -240,6 +264,25 @@ impl Status {
                 p.link_pin
             );
         }
+        let s = &self.sockmap;
+        out += &format!(
+            "\nsockmap: {}",
+            if s.enabled {
+                "on (new same-node connections are accelerated)"
+            } else {
+                "off"
+            }
+        );
+        if let Some(n) = s.connections {
+            out += &format!("; {n} sockets accelerated now");
+        }
+        if let Some(c) = &s.counters {
+            out += &format!(
+                "\n  inserts {}  redirects {}  misses {}  redirected bytes {}  insert errors {}",
+                c.inserts, c.redirects, c.misses, c.redirected_bytes, c.insert_errors
+            );
+        }
+        out += "\n";
         if !self.certificates.is_empty() {
             out += "\nCERTIFICATE  EXPIRES IN  NOT AFTER             RENEW AT              SPIFFE ID\n";
             for c in &self.certificates {

@@ -7,12 +7,14 @@
 //! Install is idempotent and never detaches: maps that are already pinned are reused (after the ABI check), and a
 //! program whose link is already pinned is swapped in place with `BPF_LINK_UPDATE`. Only [`uninstall`] detaches.
 
+pub mod accel;
 pub mod inspect;
 pub mod policy;
 pub mod reconcile;
 
 use std::{
     fs,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -202,6 +204,8 @@ pub struct InstallReport {
     pub attached: Vec<String>,
     /// Programs swapped into an existing pinned link.
     pub replaced: Vec<String>,
+    /// Programs detached because the config no longer asks for them (`--sockmap false`).
+    pub detached: Vec<String>,
     /// Whether the maps already existed (restart/upgrade) rather than being created.
     pub adopted_maps: bool,
 }
@@ -213,6 +217,7 @@ pub struct InstallReport {
 pub fn install<T>(
     layout: &Layout,
     cgroup_root: &Path,
+    sockmap: accel::SockmapSettings,
     prepare: impl FnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<(InstallReport, T)> {
     check_cgroup2(cgroup_root)?;
@@ -290,6 +295,8 @@ pub fn install<T>(
         report.attached.push(name.to_string());
     }
 
+    install_accel(&mut ebpf, layout, &cgroup, sockmap, &mut report)?;
+
     // Written last: an install that failed half-way has no ABI record yet and is simply retried.
     let mut abi: Array<MapData, AbiRecord> = Array::try_from(
         ebpf.take_map(map_names::ABI)
@@ -307,6 +314,94 @@ pub fn install<T>(
     Ok((report, prepared))
 }
 
+/// Attaches (or swaps in, or takes away) the same-node acceleration programs, see [`accel`].
+fn install_accel(
+    ebpf: &mut aya::Ebpf,
+    layout: &Layout,
+    cgroup: &fs::File,
+    sockmap: accel::SockmapSettings,
+    report: &mut InstallReport,
+) -> anyhow::Result<()> {
+    let sockets = accel::AccelMaps::open(layout)?.sockets();
+    let sk_conns = match ebpf.map(map_names::SK_CONNS) {
+        Some(Map::SockHash(m)) => m.fd().as_fd().try_clone_to_owned()?,
+        _ => bail!("map {} missing from the object", map_names::SK_CONNS),
+    };
+    for (name, attach_type) in accel::MAP_PROGRAMS {
+        let pin = layout.link(name);
+        let wanted = if name == "accel_verdict" {
+            sockmap.enabled && sockmap.stream_verdict
+        } else {
+            sockmap.enabled
+        };
+        // Off, a program stays on the map while sockets that took it are still in the map (see `accel`).
+        let keep = pin.exists() && sockets > 0;
+        if !wanted && !keep {
+            if pin.exists() {
+                unpin_link(&pin)?;
+                report.detached.push(name.to_string());
+            }
+            continue;
+        }
+        let program = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?;
+        match program {
+            Program::SkMsg(p) => p.load(),
+            Program::SkSkb(p) => p.load(),
+            _ => bail!("program {name} has an unexpected type"),
+        }
+        .with_context(|| format!("loading program {name}"))?;
+        if pin.exists() {
+            replace(&pin, program.fd()?)?;
+            report.replaced.push(name.to_string());
+            continue;
+        }
+        let link = sys::sockmap_link_create(program.fd()?, &sk_conns, attach_type)
+            .with_context(|| format!("attaching {name} to map {}", map_names::SK_CONNS))?;
+        sys::obj_pin(&link, &pin).with_context(|| format!("pinning link {}", pin.display()))?;
+        report.attached.push(name.to_string());
+    }
+    let pin = layout.link(accel::SOCKOPS);
+    if !sockmap.enabled {
+        if pin.exists() {
+            unpin_link(&pin)?;
+            report.detached.push(accel::SOCKOPS.to_string());
+        }
+        return Ok(());
+    }
+    let program = ebpf
+        .program_mut(accel::SOCKOPS)
+        .with_context(|| format!("program {} missing from the object", accel::SOCKOPS))?;
+    let Program::SockOps(p) = program else {
+        bail!("program {} has an unexpected type", accel::SOCKOPS);
+    };
+    p.load()
+        .with_context(|| format!("loading program {}", accel::SOCKOPS))?;
+    if pin.exists() {
+        replace(&pin, p.fd()?)?;
+        report.replaced.push(accel::SOCKOPS.to_string());
+        return Ok(());
+    }
+    let id = p
+        .attach(cgroup, CgroupAttachMode::Single)
+        .with_context(|| format!("attaching {}", accel::SOCKOPS))?;
+    let link = FdLink::try_from(p.take_link(id)?)?;
+    link.pin(&pin)
+        .with_context(|| format!("pinning link {}", pin.display()))?;
+    report.attached.push(accel::SOCKOPS.to_string());
+    Ok(())
+}
+
+/// Unpins a link, which drops its last reference and detaches its program.
+fn unpin_link(pin: &Path) -> anyhow::Result<()> {
+    PinnedLink::from_pin(pin)
+        .with_context(|| format!("opening pinned link {}", pin.display()))?
+        .unpin()
+        .with_context(|| format!("unpinning {}", pin.display()))?;
+    Ok(())
+}
+
 /// Swaps `prog` into the pinned link at `pin`: the attachment never goes away, so no connection is ever judged
 /// without a program.
 fn replace(pin: &Path, prog: impl std::os::fd::AsFd) -> anyhow::Result<()> {
@@ -321,7 +416,14 @@ pub fn uninstall(layout: &Layout) -> anyhow::Result<Vec<String>> {
     let mut removed = Vec::new();
     // Every link pinned in our links directory, not only today's programs: an older agent may have pinned one
     // this version no longer has, and it would stay attached.
-    let mut pins: Vec<PathBuf> = PROGRAMS.iter().map(|name| layout.link(name)).collect();
+    // The sock_ops program that fills `sk_conns` goes first, the ones on the map after it.
+    let mut pins: Vec<PathBuf> = [accel::SOCKOPS]
+        .iter()
+        .chain(PROGRAMS.iter())
+        .chain(accel::PROGRAMS.iter())
+        .map(|name| layout.link(name))
+        .collect();
+    pins.dedup();
     if let Ok(dir) = fs::read_dir(layout.links_dir()) {
         for entry in dir.flatten() {
             if !pins.contains(&entry.path()) {

@@ -36,6 +36,8 @@ pub struct PolicyMaps {
     pub state: Array<MapData, PolicyState>,
     pub counters: PerCpuArray<MapData, u64>,
     pub mtls_ports: HashMap<MapData, MtlsPortKey, u32>,
+    /// Same-node acceleration: kept in step with the pods and policy in force.
+    pub accel: super::accel::AccelMaps,
 }
 
 /// Event rate limit written into `pol_state`.
@@ -139,6 +141,7 @@ impl PolicyMaps {
             state: Array::try_from(m(map_names::POLICY_STATE)?)?,
             counters: PerCpuArray::try_from(m(map_names::POLICY_COUNTERS)?)?,
             mtls_ports: HashMap::try_from(m(map_names::MTLS_PORTS)?)?,
+            accel: super::accel::AccelMaps::open(layout)?,
         })
     }
 

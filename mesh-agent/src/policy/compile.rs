@@ -26,7 +26,7 @@
 //! that no more specific entry covers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mesh_common::policy::{
     CLASS_SKIP, DST_DEFAULT_DENY, IpSlot, LOCAL_ENROLLED, LOCAL_POLICED, LocalSlot, MESH_DISABLE,
@@ -717,6 +717,39 @@ impl Compiled {
             .or_else(|| self.verdicts.get(&(id, src_class, 0)))
             .copied()
             .unwrap_or_else(|| value(dst_class & DST_DEFAULT_DENY == 0, false))
+    }
+
+    /// Whether the kernel would let the pod with netns cookie `client_cookie` at `client` open a plaintext TCP
+    /// connection to `server` now: the client's connect hook (by its local endpoint, when it has one), STRICT mTLS
+    /// and the destination's ingress check (by the client's address), as the programs decide them. An
+    /// accelerated connection bypasses all three after setup, so this is how it is judged again.
+    pub fn allows_tcp(&self, client_cookie: u64, client: IpAddr, server: SocketAddr) -> bool {
+        let allow = |dst_class: u32, src_class: u32| {
+            self.kernel_verdict(dst_class, src_class, server.port())
+                .verdict
+                == VERDICT_ALLOW
+        };
+        let d = self.lookup(server.ip()).map(|(_, s)| s).unwrap_or_default();
+        if let Some(ep) = self.local_eps.get(&client_cookie) {
+            let src_class = if client.to_canonical().is_ipv4() {
+                ep.src_class4
+            } else {
+                ep.src_class6
+            };
+            if src_class != CLASS_SKIP && !allow(d.dst_class, src_class) {
+                return false;
+            }
+        }
+        let addr = Prefix::host(server.ip()).addr;
+        let strict = match self.mtls_ports.get(&(addr, server.port())) {
+            Some(mode) if d.mesh & MESH_PORT_MODES != 0 => *mode == MTLS_PORT_STRICT,
+            _ => d.mesh & MESH_STRICT != 0,
+        };
+        if strict {
+            return false;
+        }
+        let s = self.lookup(client).map(|(_, s)| s).unwrap_or_default();
+        allow(d.dst_class, s.src_class)
     }
 
     pub fn source_class(&self, id: u32) -> Option<&SourceClass> {

@@ -12,6 +12,7 @@ use mesh_common::policy::{
     DIR_EGRESS, PolicyEvent, VERDICT_DENY, VERDICT_FLAG_AUDIT, VERDICT_FLAG_STRICT, identity,
 };
 use serde::Serialize;
+use tracing::{info, warn};
 
 use super::compile::{self, Compiled, Inputs, MeshInputs};
 use super::eval::{self, Evaluator, Identity, Protocol, Request, RuleStatus};
@@ -34,6 +35,8 @@ pub struct PolicySettings {
     pub limits: EventLimits,
     /// Where the kernel redirects enrolled connections (and the addresses it knows as the node proxy).
     pub proxy: ProxyRedirect,
+    /// `--sockmap`: new same-node connections are accelerated (for the metrics; the install decides).
+    pub sockmap: bool,
 }
 
 /// What a compilation is made from: the valid policies, the pods, and the netns cookies by pod.
@@ -415,11 +418,65 @@ impl PolicyPlane {
             inputs: Some(inputs),
             too_large: too_large.clone(),
         });
+        self.sync_accel();
         Ok(Applied {
             changes,
             warnings,
             too_large,
         })
+    }
+
+    /// Same-node acceleration follows what is in force: `sk_pods` holds exactly this node's pods (by address),
+    /// and an accelerated connection the policy no longer allows is taken out and reset. Failures are logged, not
+    /// returned: the policy itself is in force by now, and the next pass tries again.
+    fn sync_accel(&mut self) {
+        let Self {
+            maps,
+            in_force,
+            cookies,
+            ..
+        } = self;
+        let Some(f) = in_force else { return };
+        let by_pod: BTreeMap<&str, u64> = f
+            .cookie_pods
+            .iter()
+            .map(|(c, pod)| (pod.as_str(), *c))
+            .collect();
+        let mut desired = BTreeMap::new();
+        for pod in &f.pods {
+            if let Some(cookie) = by_pod.get(pod.metadata.key().as_str()) {
+                for ip in pod.ips() {
+                    desired.insert(ip, *cookie);
+                }
+            }
+        }
+        if let Err(e) = maps.accel.sync_pods(&desired) {
+            warn!(error = format!("{e:#}"), "could not update sk_pods");
+        }
+        let paths: BTreeMap<u64, PathBuf> = cookies.iter().map(|(p, c)| (*c, p.clone())).collect();
+        let compiled = &f.compiled;
+        match maps.accel.revoke(
+            |c| compiled.allows_tcp(c.client_netns_cookie, c.client.ip(), c.server),
+            |cookie| paths.get(&cookie).cloned(),
+        ) {
+            Ok(r) if r.removed > 0 => {
+                info!(
+                    connections = r.removed,
+                    sockets_reset = r.reset,
+                    "accelerated connections revoked by policy"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => warn!(
+                error = format!("{e:#}"),
+                "could not check accelerated connections against the new policy"
+            ),
+        }
+    }
+
+    /// Same-node acceleration: kernel counters and the sockets in `sk_conns` now.
+    pub fn accel(&self) -> (crate::ebpf::accel::AccelCounters, usize) {
+        (self.maps.accel.counters(), self.maps.accel.sockets())
     }
 
     pub fn counters(&self) -> PolicyCounters {

@@ -606,6 +606,41 @@ mod tests {
     }
 
     #[test]
+    fn sockmap_is_off_unless_asked_for() {
+        let c = args().resolve().unwrap();
+        assert!(!c.sockmap.enabled);
+        assert!(c.sockmap.stream_verdict);
+        let p = write("sockmap", "sockmap: true\nsockmap-stream-verdict: false\n");
+        let c = RunArgs {
+            config: Some(p.clone()),
+            ..args()
+        }
+        .resolve()
+        .unwrap();
+        assert!(c.sockmap.enabled);
+        assert!(!c.sockmap.stream_verdict);
+        let c = RunArgs {
+            config: Some(p.clone()),
+            sockmap: Some(false),
+            ..args()
+        }
+        .resolve()
+        .unwrap();
+        std::fs::remove_file(p).ok();
+        assert!(!c.sockmap.enabled, "the flag wins");
+        let p = write("sockmap-bad", "sockmap: yes please\n");
+        let e = RunArgs {
+            config: Some(p.clone()),
+            ..args()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        std::fs::remove_file(p).ok();
+        assert!(e.contains("sockmap"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let p = write("unknown", "nodee: x\n");
         let e = RunArgs {

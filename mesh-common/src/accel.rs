@@ -64,3 +64,27 @@ pub mod counter {
     pub const INSERT_ERRORS: u32 = 4;
     pub const COUNT: u32 = 5;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_of_the_peer_is_the_socket() {
+        let client = SockKey {
+            netns_cookie: 7,
+            local_addr: [1; 16],
+            remote_addr: [2; 16],
+            local_port: 40000,
+            remote_port: 80,
+            _pad: 0,
+        };
+        let server = client.peer(9);
+        assert_eq!(server.netns_cookie, 9);
+        assert_eq!(
+            (server.local_addr, server.local_port),
+            (client.remote_addr, 80)
+        );
+        assert_eq!(server.peer(7), client);
+    }
+}

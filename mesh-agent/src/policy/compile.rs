@@ -818,6 +818,44 @@ mod tests {
         }
     }
 
+    /// How the agent judges an accelerated connection again after a change: as the connect hook and the
+    /// destination's ingress check would judge it now.
+    #[test]
+    fn accelerated_connections_are_judged_like_new_ones() {
+        let pods = universe();
+        let deny = policy(json!({
+            "apiVersion": "security.sinew.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"namespace": "a", "name": "no-a-to-db"},
+            "spec": {"action": "DENY", "selector": {"matchLabels": {"app": "db"}},
+                     "rules": [{"from": [{"source": {"namespaces": ["a"]}}],
+                                "to": [{"operation": {"ports": ["5432"]}}]}]},
+        }));
+        let cookies = BTreeMap::from([("a/a1".to_string(), 11u64), ("b/b2".to_string(), 12)]);
+        let compile_with = |policies: &[AuthorizationPolicy]| {
+            compile(&Inputs {
+                policies,
+                pods: &pods,
+                node: "n1",
+                root_namespace: ROOT,
+                trust_domain: TD,
+                netns_cookies: &cookies,
+                mesh: &MeshInputs::default(),
+            })
+            .unwrap()
+        };
+        let a1: IpAddr = "10.0.1.1".parse().unwrap();
+        let b2: IpAddr = "10.0.2.2".parse().unwrap();
+        let db = |port| SocketAddr::new("10.0.1.2".parse().unwrap(), port);
+        let open = compile_with(&[]);
+        assert!(open.allows_tcp(11, a1, db(5432)));
+        let c = compile_with(&[deny]);
+        assert!(!c.allows_tcp(11, a1, db(5432)), "denied");
+        assert!(c.allows_tcp(11, a1, db(80)), "another port");
+        assert!(c.allows_tcp(12, b2, db(5432)), "another namespace");
+        // A client the node has no local endpoint for is judged at the destination by its address alone.
+        assert!(!c.allows_tcp(99, a1, db(5432)));
+    }
+
     fn universe() -> Vec<Pod> {
         vec![
             pod("a", "a1", "web", "web", "10.0.1.1", "n1"),
@@ -1238,6 +1276,26 @@ mod tests {
         assert_eq!(proxy.identity, identity::NODE_PROXY);
         assert_eq!(proxy.mesh, 0);
         assert_eq!(c.local_eps[&11].flags, LOCAL_ENROLLED);
+        // STRICT ports accept only the proxy: a plaintext (accelerated) connection to one is no longer allowed.
+        let plain: IpAddr = "10.0.1.3".parse().unwrap();
+        let to = |ip: &str, port| SocketAddr::new(ip.parse().unwrap(), port);
+        assert!(!c.allows_tcp(12, plain, to("10.0.1.2", 5432)), "STRICT");
+        assert!(
+            !c.allows_tcp(12, plain, to("10.0.1.1", 80)),
+            "inherits STRICT"
+        );
+        assert!(
+            c.allows_tcp(12, plain, to("10.0.1.1", 9090)),
+            "DISABLE port"
+        );
+        assert!(
+            c.allows_tcp(12, plain, to("10.0.1.1", 8081)),
+            "PERMISSIVE port"
+        );
+        assert!(
+            c.allows_tcp(12, plain, to("10.0.2.1", 80)),
+            "PERMISSIVE workload"
+        );
         assert_eq!(c.local_eps[&12].flags, 0);
         assert_eq!(c.enrolled["a/web"].mode, MtlsMode::Strict);
         assert_eq!(c.enrolled.len(), 3);

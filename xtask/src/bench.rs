@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: the same client and server measured without Sinew, through a Sinew Service VIP, and
 //! through the same VIP with 1,000 `AuthorizationPolicy` objects in force, side by side in one run (the
 //! single-node group, this file); then, on a second topology, without Sinew, kernel-only and through both node
-//! proxies with mTLS across two nodes (the mesh group, [`mesh`]). `--only single-node|mesh` runs one group; the JSON
-//! report holds the single-node group's fields at the top level and the mesh group's under `mesh`.
+//! proxies with mTLS across two nodes (the mesh group, [`mesh`]); then, on a third, a client and a server on one
+//! node without Sinew, with same-node socket acceleration off and with it on (the same-node group, [`sockmap`]).
+//! `--only single-node|mesh|same-node` runs one group; the JSON report holds the single-node group's fields at the
+//! top level, the mesh group's under `mesh` and the same-node group's under `same_node`.
 //!
 //! Topology (the `sinew-tests` harness): one node netns with a bridge, pod `client` (namespace `bench-client`,
 //! service account `bench-client`) and pod `server` (running `sinew-testpod echo-server`), the agent attached at
@@ -64,11 +66,16 @@ macro_rules! measured {
 }
 
 mod mesh;
+mod sockmap;
 
-#[derive(clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Repeats of every measurement per scenario; medians over them are reported.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=25))]
+    /// Repeats of every measurement per scenario; medians over them are reported. Default: 3 in the single-node and
+    /// mesh groups, 6 (one full cycle of the counterbalanced order) in the same-node group.
+    #[arg(long = "repeats", value_name = "REPEATS", value_parser = clap::value_parser!(u32).range(1..=25))]
+    repeats_arg: Option<u32>,
+    /// The repeats of the group being run: `--repeats`, or the group's default (set by `run_groups`).
+    #[arg(skip)]
     repeats: u32,
     /// Length of each measured run, in milliseconds.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=30_000))]
@@ -83,8 +90,14 @@ pub struct BenchArgs {
     /// Also write the JSON report here (it always goes to target/bench/bench-<unix-ts>.json and latest.json).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
-    /// Run only one group of scenarios: `single-node` (direct, sinew-vip, the policy scenario) or `mesh` (direct,
-    /// kernel-only and mTLS across two nodes). Default: both, one after the other.
+    /// Same-node group: the CPU every client and server runs on (`taskset`), so that a request/response never
+    /// waits for a cross-CPU wake-up (on a VM that costs ~80 µs and flips run to run with the scheduler's
+    /// placement); `free` lets the scheduler place them. Default: the last CPU.
+    #[arg(long, value_name = "CPU|free")]
+    same_node_cpu: Option<String>,
+    /// Run only one group of scenarios: `single-node` (direct, sinew-vip, the policy scenario), `mesh` (direct,
+    /// kernel-only and mTLS across two nodes) or `same-node` (no Sinew, Sinew with same-node socket acceleration
+    /// off, and on). Default: all three, one after the other.
     #[arg(long, value_enum)]
     only: Option<Group>,
 }
@@ -94,6 +107,37 @@ pub struct BenchArgs {
 enum Group {
     SingleNode,
     Mesh,
+    SameNode,
+}
+
+impl Group {
+    const ALL: [Group; 3] = [Group::SingleNode, Group::Mesh, Group::SameNode];
+
+    /// Repeats without `--repeats`. The same-node group's runs are short and its scenarios close: six repeats make
+    /// one full cycle of [`ORDERS3`], and their median survives the one or two runs a burst of other work on the
+    /// shared host slows down (it runs in about four minutes).
+    fn default_repeats(self) -> u32 {
+        match self {
+            Group::SingleNode | Group::Mesh => 3,
+            Group::SameNode => 6,
+        }
+    }
+
+    /// The arguments for this group: `a` with its repeats resolved.
+    fn args(self, a: &BenchArgs) -> BenchArgs {
+        BenchArgs {
+            repeats: a.repeats_arg.unwrap_or(self.default_repeats()),
+            ..a.clone()
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Group::SingleNode => "single-node",
+            Group::Mesh => "mesh",
+            Group::SameNode => "same-node",
+        }
+    }
 }
 
 const NODE: &str = "node-a";
@@ -383,28 +427,35 @@ pub fn bench(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
     crate::os::explain_interrupt(run_groups(agent_bin, a))
 }
 
-/// The single-node group, then the mesh group (or the one `--only` names); one JSON report for both: the
-/// single-node group's fields at the top level (as before the mesh group existed), the mesh group's under `mesh`.
+/// The single-node group, then the mesh group, then the same-node group (or the one `--only` names); one JSON report
+/// for all: the single-node group's fields at the top level (as before the other groups existed), the mesh group's
+/// under `mesh`, the same-node group's under `same_node`.
 fn run_groups(agent_bin: &Path, a: &BenchArgs) -> Result<()> {
     let testpod = crate::demo::preflight(agent_bin)?;
     let started = sinew_tests::unix_ms() / 1000;
-    let mut report = if a.only == Some(Group::Mesh) {
-        json!({})
+    let groups: Vec<Group> = Group::ALL
+        .into_iter()
+        .filter(|g| a.only.is_none_or(|o| o == *g))
+        .collect();
+    let mut report = if groups.contains(&Group::SingleNode) {
+        run(&Group::SingleNode.args(a), &testpod)?
     } else {
-        run(a, &testpod)?
+        json!({})
     };
     report["version"] = json!(3);
     report["unix_ts"] = json!(started);
-    report["groups"] = json!(match a.only {
-        Some(Group::SingleNode) => vec!["single-node"],
-        Some(Group::Mesh) => vec!["mesh"],
-        None => vec!["single-node", "mesh"],
-    });
-    if a.only != Some(Group::SingleNode) {
+    report["groups"] = json!(groups.iter().map(|g| g.name()).collect::<Vec<_>>());
+    if groups.contains(&Group::Mesh) {
         if a.only.is_none() {
             println!("\n=== mesh group: mTLS across two nodes ===\n");
         }
-        report["mesh"] = mesh::run(a, &testpod)?;
+        report["mesh"] = mesh::run(&Group::Mesh.args(a), &testpod)?;
+    }
+    if groups.contains(&Group::SameNode) {
+        if a.only.is_none() {
+            println!("\n=== same-node group: socket acceleration off and on ===\n");
+        }
+        report["same_node"] = sockmap::run(&Group::SameNode.args(a), &testpod)?;
     }
     let dir = crate::workspace().join("target").join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;

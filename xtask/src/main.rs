@@ -4,7 +4,8 @@
 //! - `test`: setup, build, then every test (unit and privileged netns end-to-end).
 //! - `demo`: setup, build, and a live demo in network namespaces: load balancing over 3 backends, a policy, and mTLS
 //!   between two nodes.
-//! - `bench`: setup, build, and side-by-side benchmarks in network namespaces.
+//! - `bench`: setup, build, and side-by-side benchmarks in network namespaces (groups: single-node, mesh across
+//!   two nodes, same-node socket acceleration).
 
 mod bench;
 mod demo;
@@ -42,7 +43,8 @@ enum Cmd {
         #[arg(long)]
         hold: bool,
     },
-    /// Setup, build (release), and benchmark: no mesh vs Sinew, side by side (root).
+    /// Setup, build (release), and benchmark: no mesh vs Sinew, side by side (root); groups single-node, mesh and
+    /// same-node (`--only`).
     Bench(bench::BenchArgs),
 }
 

@@ -60,7 +60,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(120);
 /// File descriptors the agents and the server need for the memory probe (1,000 sockets each, plus their own).
 const NOFILE_WANTED: u64 = 8192;
 /// Bulk: bytes per write.
-const BULK_CHUNK: usize = 64 * 1024;
+pub(super) const BULK_CHUNK: usize = 64 * 1024;
 
 /// The targets (printed as met / not met; the bench never fails on them).
 const TARGET_ADDED_P50_US: f64 = 20.0;
@@ -641,13 +641,15 @@ fn flush_time_wait(ctx: &Ctx) {
     }
 }
 
-/// Waits until both agents used at most one clock tick of CPU in a 250 ms window (bounded by [`IDLE_TIMEOUT`]).
-fn wait_agents_idle(pids: [u32; 2]) -> Result<()> {
+/// Waits until the agents `pids` used at most one clock tick of CPU each in a 250 ms window (bounded by
+/// [`IDLE_TIMEOUT`]); the same-node group uses it too.
+pub(super) fn wait_agents_idle(pids: &[u32]) -> Result<()> {
     let t0 = Instant::now();
-    let mut last = pids.map(proc_cpu);
+    let cpu = || pids.iter().map(|p| proc_cpu(*p)).collect::<Vec<_>>();
+    let mut last = cpu();
     while t0.elapsed() < IDLE_TIMEOUT {
         sleep_interruptible(Duration::from_millis(250))?;
-        let now = pids.map(proc_cpu);
+        let now = cpu();
         let idle = last.iter().zip(&now).all(|(a, b)| match (a, b) {
             (Some(a), Some(b)) => b.saturating_sub(*a) <= Duration::from_millis(10),
             _ => true,
@@ -828,7 +830,7 @@ fn measure(
     };
     let bound = Duration::from_millis(duration_ms + 3 * IO_TIMEOUT_MS) + Duration::from_secs(10);
     flush_time_wait(ctx);
-    wait_agents_idle(ctx.pids)?;
+    wait_agents_idle(&ctx.pids)?;
     let c0 = counters(f)?;
     let cpu0 = cpu_snap(ctx.pids);
     let ch0 = children_cpu();
@@ -1041,7 +1043,7 @@ fn idle_baseline(runs: &[Run]) -> Value {
 /// Holds [`OPEN_CONNS`] idle connections through the mTLS path (in [`OPEN_PROCS`] client processes) and reads both
 /// agents' VmRSS while they are open; then closes them.
 fn open_connections(ctx: &Ctx, f: &MeshFixture, s: &Scenario) -> Result<Value> {
-    wait_agents_idle(ctx.pids)?;
+    wait_agents_idle(&ctx.pids)?;
     flush_time_wait(ctx);
     let rss0 = ctx.rss();
     let c0 = counters(f)?;

@@ -25,6 +25,9 @@
 //!   kube-rs runs against unchanged; [`kube::KubeMirror`] makes it hold a manifest directory's objects and gives the
 //!   node's pods kubelet-style cgroups with a sandbox process ([`kubepods`]), so an agent's kubernetes source sees
 //!   the same objects as a file source would; [`chart`] checks the Helm chart statically.
+//! - Issue 6: [`sockmap`] has the pieces of the same-node acceleration matrix (byte patterns, the reports of the
+//!   `stream`, `accel-rr` and `accel-crr` pod tools, the agent's `sockmap` status, a node with acceleration on or
+//!   off).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -52,6 +55,7 @@ pub mod policy;
 pub mod privileged;
 pub mod process;
 pub mod scenario;
+pub mod sockmap;
 pub mod sys;
 pub mod testpod;
 pub mod topology;

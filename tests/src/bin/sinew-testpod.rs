@@ -21,6 +21,7 @@
 //! sinew-testpod probe-loop  --targets .. --duration-ms D [--interval-ms I] [--timeout-ms T] [--max-rounds N]
 //!                           [--stop-file PATH]
 //! sinew-testpod hold        --to ADDR [--payload P] [--count N] [--interval-ms M] [--duration-ms D] [--timeout-ms T]
+//! sinew-testpod stream | accel-rr | accel-crr | echo-tokio ..     (same-node acceleration: `testpod_accel/mod.rs`)
 //! ```
 //! `hold` keeps ONE connection: it reads the name line, then writes P (default `hold-ping`) and reads the same bytes
 //! back, every M ms, until N round trips or D ms, stopping at the first error; it prints one
@@ -50,6 +51,8 @@ use sinew_tests::testpod::{
     ProbeReport, ProbeResult, ProbeRound, RrReport, ServeReady, UdpReport, errno_name, percentile,
 };
 
+#[path = "testpod_accel/mod.rs"]
+mod accel;
 #[path = "testpod_bulk/mod.rs"]
 mod bulk;
 
@@ -84,6 +87,10 @@ fn main() {
         "udp-flood" => print(&udp_flood(&opts)),
         "hold" => print(&hold(&opts)),
         "bulk" => bulk::bulk(&opts),
+        "stream" => accel::stream(&opts),
+        "accel-rr" => accel::accel_rr(&opts),
+        "accel-crr" => accel::accel_crr(&opts),
+        "echo-tokio" => accel::echo_tokio(&opts),
         other => usage(&format!("unknown subcommand {other:?}")),
     };
     if let Err(e) = result {

@@ -100,7 +100,8 @@ fn kill9_and_restart_lose_no_connection_and_reconcile() {
     );
     // The same-node acceleration programs attach only with `--sockmap true` (off here; tests/tests/sockmap.rs
     // restarts an agent with it on).
-    let attached_by_default = |p: &&sinew_tests::agent::ProgramStatus| !p.name.starts_with("accel_");
+    let attached_by_default =
+        |p: &&sinew_tests::agent::ProgramStatus| !p.name.starts_with("accel_");
     for p in status.programs.iter().filter(attached_by_default) {
         assert!(
             p.attached,

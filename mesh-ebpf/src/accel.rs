@@ -57,12 +57,8 @@ fn bump(index: u32, by: u64) {
     }
 }
 
-/// The socket's key from its context fields. Both contexts store `remote_port` in network order in the upper 16
-/// bits of the u32 and `local_port` in host order.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn key_of(
-    netns_cookie: u64,
+/// A socket's addresses and ports as its context gives them.
+struct Tuple {
     family: u32,
     local4: u32,
     remote4: u32,
@@ -70,18 +66,50 @@ fn key_of(
     remote6: [u32; 4],
     local_port: u32,
     remote_port: u32,
-) -> Option<SockKey> {
-    let (local_addr, remote_addr) = match family {
-        AF_INET => (v4_mapped(local4), v4_mapped(remote4)),
-        AF_INET6 => (from_words(local6), from_words(remote6)),
+}
+
+/// Reads a [`Tuple`] from a `bpf_sock_ops` or `sk_msg_md` pointer: both name these fields alike, and each field must
+/// be loaded straight from the context pointer.
+macro_rules! tuple_of {
+    ($ctx:expr) => {{
+        let c = $ctx;
+        Tuple {
+            family: load(unsafe { addr_of!((*c).family) }),
+            local4: load(unsafe { addr_of!((*c).local_ip4) }),
+            remote4: load(unsafe { addr_of!((*c).remote_ip4) }),
+            local6: [
+                load(unsafe { addr_of!((*c).local_ip6[0]) }),
+                load(unsafe { addr_of!((*c).local_ip6[1]) }),
+                load(unsafe { addr_of!((*c).local_ip6[2]) }),
+                load(unsafe { addr_of!((*c).local_ip6[3]) }),
+            ],
+            remote6: [
+                load(unsafe { addr_of!((*c).remote_ip6[0]) }),
+                load(unsafe { addr_of!((*c).remote_ip6[1]) }),
+                load(unsafe { addr_of!((*c).remote_ip6[2]) }),
+                load(unsafe { addr_of!((*c).remote_ip6[3]) }),
+            ],
+            local_port: load(unsafe { addr_of!((*c).local_port) }),
+            remote_port: load(unsafe { addr_of!((*c).remote_port) }),
+        }
+    }};
+}
+
+/// The socket's key. Both contexts store `remote_port` in network order in the upper 16 bits of the u32 and
+/// `local_port` in host order.
+#[inline(always)]
+fn key_of(netns_cookie: u64, t: &Tuple) -> Option<SockKey> {
+    let (local_addr, remote_addr) = match t.family {
+        AF_INET => (v4_mapped(t.local4), v4_mapped(t.remote4)),
+        AF_INET6 => (from_words(t.local6), from_words(t.remote6)),
         _ => return None,
     };
     Some(SockKey {
         netns_cookie,
         local_addr,
         remote_addr,
-        local_port: local_port as u16,
-        remote_port: u16::from_be((remote_port >> 16) as u16),
+        local_port: t.local_port as u16,
+        remote_port: u16::from_be((t.remote_port >> 16) as u16),
         _pad: 0,
     })
 }
@@ -94,34 +122,9 @@ pub fn sock_ops(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => false,
         _ => return,
     };
-    let family = load(unsafe { addr_of!((*ops).family) });
-    let local4 = load(unsafe { addr_of!((*ops).local_ip4) });
-    let remote4 = load(unsafe { addr_of!((*ops).remote_ip4) });
-    let local6 = [
-        load(unsafe { addr_of!((*ops).local_ip6[0]) }),
-        load(unsafe { addr_of!((*ops).local_ip6[1]) }),
-        load(unsafe { addr_of!((*ops).local_ip6[2]) }),
-        load(unsafe { addr_of!((*ops).local_ip6[3]) }),
-    ];
-    let remote6 = [
-        load(unsafe { addr_of!((*ops).remote_ip6[0]) }),
-        load(unsafe { addr_of!((*ops).remote_ip6[1]) }),
-        load(unsafe { addr_of!((*ops).remote_ip6[2]) }),
-        load(unsafe { addr_of!((*ops).remote_ip6[3]) }),
-    ];
-    let local_port = load(unsafe { addr_of!((*ops).local_port) });
-    let remote_port = load(unsafe { addr_of!((*ops).remote_port) });
+    let tuple = tuple_of!(ops);
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(mut key) = key_of(
-        cookie,
-        family,
-        local4,
-        remote4,
-        local6,
-        remote6,
-        local_port,
-        remote_port,
-    ) else {
+    let Some(mut key) = key_of(cookie, &tuple) else {
         return;
     };
     // Only a pod's own socket, in the pod's own netns, talking to another local pod.
@@ -150,23 +153,7 @@ pub fn sock_ops(ctx: &SockOpsContext) {
 
 pub fn msg(ctx: &SkMsgContext) -> u32 {
     let md = ctx.msg;
-    let family = load(unsafe { addr_of!((*md).family) });
-    let local4 = load(unsafe { addr_of!((*md).local_ip4) });
-    let remote4 = load(unsafe { addr_of!((*md).remote_ip4) });
-    let local6 = [
-        load(unsafe { addr_of!((*md).local_ip6[0]) }),
-        load(unsafe { addr_of!((*md).local_ip6[1]) }),
-        load(unsafe { addr_of!((*md).local_ip6[2]) }),
-        load(unsafe { addr_of!((*md).local_ip6[3]) }),
-    ];
-    let remote6 = [
-        load(unsafe { addr_of!((*md).remote_ip6[0]) }),
-        load(unsafe { addr_of!((*md).remote_ip6[1]) }),
-        load(unsafe { addr_of!((*md).remote_ip6[2]) }),
-        load(unsafe { addr_of!((*md).remote_ip6[3]) }),
-    ];
-    let local_port = load(unsafe { addr_of!((*md).local_port) });
-    let remote_port = load(unsafe { addr_of!((*md).remote_port) });
+    let tuple = tuple_of!(md);
     let size = load(unsafe { addr_of!((*md).size) });
     let sk = unsafe { read_volatile(addr_of!((*md).__bindgen_anon_3.sk)) };
     let state_map = core::ptr::from_ref(&SK_STATE).cast_mut().cast();
@@ -176,16 +163,8 @@ pub fn msg(ctx: &SkMsgContext) -> u32 {
         return sk_action::SK_PASS;
     }
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if let Some(own) = key_of(
-        cookie,
-        family,
-        local4,
-        remote4,
-        local6,
-        remote6,
-        local_port,
-        remote_port,
-    ) && let Some(peer_cookie) = unsafe { SK_PODS.get(&own.remote_addr) }
+    if let Some(own) = key_of(cookie, &tuple)
+        && let Some(peer_cookie) = unsafe { SK_PODS.get(&own.remote_addr) }
     {
         let mut peer = own.peer(*peer_cookie);
         let verdict = SK_CONNS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64);

@@ -246,6 +246,26 @@ struct Scenario {
     via_vip: bool,
 }
 
+/// Each program's runs and run time between two readings of (run time ns, runs) by program name.
+fn prog_deltas(
+    before: &BTreeMap<&'static str, (u64, u64)>,
+    after: &BTreeMap<&'static str, (u64, u64)>,
+) -> BTreeMap<&'static str, ProgDelta> {
+    after
+        .iter()
+        .filter_map(|(name, (t1, n1))| {
+            let (t0, n0) = before.get(name)?;
+            Some((
+                *name,
+                ProgDelta {
+                    runs: n1.saturating_sub(*n0),
+                    run_time_ns: t1.saturating_sub(*t0),
+                },
+            ))
+        })
+        .collect()
+}
+
 /// Kernel run-time statistics of one program over one run (`BPF_ENABLE_STATS`).
 #[derive(Clone, Copy, Default, Serialize)]
 struct ProgDelta {
@@ -1175,19 +1195,7 @@ fn measure(
     let outs = wait_all(procs, bound)?;
     let cpu_us = (children_cpu() - cpu0).as_secs_f64() * 1e6;
     let (progs1, agent1) = watch.snapshot();
-    let programs = progs1
-        .iter()
-        .filter_map(|(name, (t1, n1))| {
-            let (t0, n0) = progs0.get(name)?;
-            Some((
-                *name,
-                ProgDelta {
-                    runs: n1.saturating_sub(*n0),
-                    run_time_ns: t1.saturating_sub(*t0),
-                },
-            ))
-        })
-        .collect();
+    let programs = prog_deltas(&progs0, &progs1);
     let agent_cpu_ms = match (agent0, agent1) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64() * 1000.0),
         _ => None,

@@ -14,7 +14,7 @@ pub mod reconcile;
 
 use std::{
     fs,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -256,43 +256,9 @@ pub fn install<T>(
     let cgroup = fs::File::open(cgroup_root)
         .with_context(|| format!("opening --cgroup-root {}", cgroup_root.display()))?;
     for name in PROGRAMS {
-        let program = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?;
-        let pin = layout.link(name);
-        // With bpf_link the kernel always uses multi-attach semantics (other tools' programs at the same cgroup
-        // keep running) and rejects any flag, so the mode must be the flag-less `Single`.
-        let mode = CgroupAttachMode::Single;
-        match program {
-            Program::CgroupSockAddr(p) => p.load(),
-            Program::CgroupSkb(p) => p.load(),
-            Program::SockOps(p) => p.load(),
-            _ => bail!("program {name} has an unexpected type"),
-        }
-        .with_context(|| format!("loading program {name}"))?;
-        if pin.exists() {
-            replace(&pin, program.fd()?)?;
-            report.replaced.push(name.to_string());
-            continue;
-        }
-        let link = match program {
-            Program::CgroupSockAddr(p) => {
-                let id = p.attach(&cgroup, mode);
-                FdLink::try_from(p.take_link(id.with_context(|| format!("attaching {name}"))?)?)?
-            }
-            Program::CgroupSkb(p) => {
-                let id = p.attach(&cgroup, CgroupSkbAttachType::Ingress, mode);
-                FdLink::try_from(p.take_link(id.with_context(|| format!("attaching {name}"))?)?)?
-            }
-            Program::SockOps(p) => {
-                let id = p.attach(&cgroup, mode);
-                FdLink::try_from(p.take_link(id.with_context(|| format!("attaching {name}"))?)?)?
-            }
-            _ => unreachable!("checked when loading"),
-        };
-        link.pin(&pin)
-            .with_context(|| format!("pinning link {}", pin.display()))?;
-        report.attached.push(name.to_string());
+        link_program(&mut ebpf, layout, name, &mut report, |p| {
+            attach_cgroup(p, &cgroup)
+        })?;
     }
 
     install_accel(&mut ebpf, layout, &cgroup, sockmap, &mut report)?;
@@ -314,6 +280,71 @@ pub fn install<T>(
     Ok((report, prepared))
 }
 
+/// A link just created, still to be pinned: cgroup links come from aya, sockmap links from our own syscall.
+enum NewLink {
+    Aya(FdLink),
+    Raw(OwnedFd),
+}
+
+/// Loads program `name` and puts it behind its pinned link: swapped into the link in place when one is pinned
+/// already (the attachment never goes away), otherwise attached by `attach` and pinned.
+fn link_program(
+    ebpf: &mut aya::Ebpf,
+    layout: &Layout,
+    name: &str,
+    report: &mut InstallReport,
+    attach: impl FnOnce(&mut Program) -> anyhow::Result<NewLink>,
+) -> anyhow::Result<()> {
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?;
+    match program {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::SkMsg(p) => p.load(),
+        Program::SkSkb(p) => p.load(),
+        _ => bail!("program {name} has an unexpected type"),
+    }
+    .with_context(|| format!("loading program {name}"))?;
+    let pin = layout.link(name);
+    if pin.exists() {
+        replace(&pin, program.fd()?)?;
+        report.replaced.push(name.to_string());
+        return Ok(());
+    }
+    let pinned = match attach(program).with_context(|| format!("attaching {name}"))? {
+        NewLink::Aya(link) => link.pin(&pin).map(drop).map_err(anyhow::Error::from),
+        NewLink::Raw(fd) => sys::obj_pin(&fd, &pin).map_err(anyhow::Error::from),
+    };
+    pinned.with_context(|| format!("pinning link {}", pin.display()))?;
+    report.attached.push(name.to_string());
+    Ok(())
+}
+
+/// Attaches a cgroup program at `cgroup` through a bpf_link.
+fn attach_cgroup(program: &mut Program, cgroup: &fs::File) -> anyhow::Result<NewLink> {
+    // With bpf_link the kernel always uses multi-attach semantics (other tools' programs at the same cgroup keep
+    // running) and rejects any flag, so the mode must be the flag-less `Single`.
+    let mode = CgroupAttachMode::Single;
+    let link = match program {
+        Program::CgroupSockAddr(p) => {
+            let id = p.attach(cgroup, mode)?;
+            FdLink::try_from(p.take_link(id)?)?
+        }
+        Program::CgroupSkb(p) => {
+            let id = p.attach(cgroup, CgroupSkbAttachType::Ingress, mode)?;
+            FdLink::try_from(p.take_link(id)?)?
+        }
+        Program::SockOps(p) => {
+            let id = p.attach(cgroup, mode)?;
+            FdLink::try_from(p.take_link(id)?)?
+        }
+        _ => bail!("not a cgroup program"),
+    };
+    Ok(NewLink::Aya(link))
+}
+
 /// Attaches (or swaps in, or takes away) the same-node acceleration programs, see [`accel`].
 fn install_accel(
     ebpf: &mut aya::Ebpf,
@@ -327,13 +358,10 @@ fn install_accel(
         Some(Map::SockHash(m)) => m.fd().as_fd().try_clone_to_owned()?,
         _ => bail!("map {} missing from the object", map_names::SK_CONNS),
     };
+    // The map programs first: a socket takes the map's programs when it is added (see `accel::MAP_PROGRAMS`).
     for (name, attach_type) in accel::MAP_PROGRAMS {
         let pin = layout.link(name);
-        let wanted = if name == "accel_verdict" {
-            sockmap.enabled && sockmap.stream_verdict
-        } else {
-            sockmap.enabled
-        };
+        let wanted = sockmap.enabled && (name != "accel_verdict" || sockmap.stream_verdict);
         // Off, a program stays on the map while sockets that took it are still in the map (see `accel`).
         let keep = pin.exists() && sockets > 0;
         if !wanted && !keep {
@@ -343,53 +371,20 @@ fn install_accel(
             }
             continue;
         }
-        let program = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?;
-        match program {
-            Program::SkMsg(p) => p.load(),
-            Program::SkSkb(p) => p.load(),
-            _ => bail!("program {name} has an unexpected type"),
-        }
-        .with_context(|| format!("loading program {name}"))?;
-        if pin.exists() {
-            replace(&pin, program.fd()?)?;
-            report.replaced.push(name.to_string());
-            continue;
-        }
-        let link = sys::sockmap_link_create(program.fd()?, &sk_conns, attach_type)
-            .with_context(|| format!("attaching {name} to map {}", map_names::SK_CONNS))?;
-        sys::obj_pin(&link, &pin).with_context(|| format!("pinning link {}", pin.display()))?;
-        report.attached.push(name.to_string());
+        link_program(ebpf, layout, name, report, |p| {
+            let link = sys::sockmap_link_create(p.fd()?, &sk_conns, attach_type)
+                .with_context(|| format!("on map {} (Linux 6.10+)", map_names::SK_CONNS))?;
+            Ok(NewLink::Raw(link))
+        })?;
     }
-    let pin = layout.link(accel::SOCKOPS);
-    if !sockmap.enabled {
-        if pin.exists() {
-            unpin_link(&pin)?;
-            report.detached.push(accel::SOCKOPS.to_string());
-        }
-        return Ok(());
+    if sockmap.enabled {
+        link_program(ebpf, layout, accel::SOCKOPS, report, |p| {
+            attach_cgroup(p, cgroup)
+        })?;
+    } else if layout.link(accel::SOCKOPS).exists() {
+        unpin_link(&layout.link(accel::SOCKOPS))?;
+        report.detached.push(accel::SOCKOPS.to_string());
     }
-    let program = ebpf
-        .program_mut(accel::SOCKOPS)
-        .with_context(|| format!("program {} missing from the object", accel::SOCKOPS))?;
-    let Program::SockOps(p) = program else {
-        bail!("program {} has an unexpected type", accel::SOCKOPS);
-    };
-    p.load()
-        .with_context(|| format!("loading program {}", accel::SOCKOPS))?;
-    if pin.exists() {
-        replace(&pin, p.fd()?)?;
-        report.replaced.push(accel::SOCKOPS.to_string());
-        return Ok(());
-    }
-    let id = p
-        .attach(cgroup, CgroupAttachMode::Single)
-        .with_context(|| format!("attaching {}", accel::SOCKOPS))?;
-    let link = FdLink::try_from(p.take_link(id)?)?;
-    link.pin(&pin)
-        .with_context(|| format!("pinning link {}", pin.display()))?;
-    report.attached.push(accel::SOCKOPS.to_string());
     Ok(())
 }
 

@@ -38,8 +38,8 @@ use sinew_tests::{Agent, AgentOptions, Pod, PodManifest, Proc, SourceDir, Topolo
 use super::{
     BenchArgs, Better, CLIENT_NS, CLIENT_SA, Comparison, IO_TIMEOUT_MS, Metric, ORDERS3, ProgDelta,
     Row, SERVER_PORT, SERVER_SA, SIZE, WARMUP_MS, compare, crr_metrics, flush_time_wait_in,
-    loadavg, m, medians_and_spreads, ratio_cell, render_grid, spawn_client, tcp_tw_reuse, wait_all,
-    wait_json,
+    loadavg, m, medians_and_spreads, prog_deltas, ratio_cell, render_grid, spawn_client,
+    tcp_tw_reuse, wait_all, wait_json,
 };
 use crate::os::{check_interrupt, children_cpu, proc_cpu};
 
@@ -802,19 +802,7 @@ fn measure(ctx: &Ctx, s: &Scenario, kind: Kind, duration_ms: u64, repeat: u32) -
     let a1 = agent.and_then(Agent::pid).and_then(proc_cpu);
     let p1 = prog_stats(&progs);
     let c1 = agent.map(sock_counters).transpose()?;
-    let programs = p1
-        .iter()
-        .filter_map(|(name, (t1, n1))| {
-            let (t0, n0) = p0.get(name)?;
-            Some((
-                *name,
-                ProgDelta {
-                    runs: n1.saturating_sub(*n0),
-                    run_time_ns: t1.saturating_sub(*t0),
-                },
-            ))
-        })
-        .collect();
+    let programs = prog_deltas(&p0, &p1);
     let sockmap = match (&c0, &c1) {
         (Some(a), Some(b)) => counters_delta(a, b),
         _ => BTreeMap::new(),

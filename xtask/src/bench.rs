@@ -246,6 +246,24 @@ struct Scenario {
     via_vip: bool,
 }
 
+/// A run's metrics for its progress line: `key=value ...`.
+fn metrics_line(metrics: &BTreeMap<&'static str, f64>) -> String {
+    metrics
+        .iter()
+        .map(|(k, v)| format!("{k}={v:.1}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A run's programs for its progress line: ` name=<ns per run>ns ...` (programs that ran).
+fn programs_line(programs: &BTreeMap<&'static str, ProgDelta>) -> String {
+    programs
+        .iter()
+        .filter(|(_, p)| p.runs > 0)
+        .map(|(n, p)| format!(" {n}={:.0}ns", p.run_time_ns as f64 / p.runs as f64))
+        .collect()
+}
+
 /// Each program's runs and run time between two readings of (run time ns, runs) by program name.
 fn prog_deltas(
     before: &BTreeMap<&'static str, (u64, u64)>,
@@ -803,16 +821,8 @@ fn run(a: &BenchArgs, testpod: &Path) -> Result<Value> {
                     rep + 1,
                     s.name,
                     kind_name(*k),
-                    r.metrics
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v:.1}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    r.programs
-                        .iter()
-                        .filter(|(_, p)| p.runs > 0)
-                        .map(|(n, p)| format!(" {n}={:.0}ns", p.run_time_ns as f64 / p.runs as f64))
-                        .collect::<String>(),
+                    metrics_line(&r.metrics),
+                    programs_line(&r.programs),
                     if r.problems.is_empty() {
                         String::new()
                     } else {

@@ -38,8 +38,8 @@ use sinew_tests::{Agent, AgentOptions, Pod, PodManifest, Proc, SourceDir, Topolo
 use super::{
     BenchArgs, Better, CLIENT_NS, CLIENT_SA, Comparison, IO_TIMEOUT_MS, Metric, ORDERS3, ProgDelta,
     Row, SERVER_PORT, SERVER_SA, SIZE, WARMUP_MS, compare, crr_metrics, flush_time_wait_in,
-    loadavg, m, medians_and_spreads, prog_deltas, ratio_cell, render_grid, spawn_client,
-    tcp_tw_reuse, wait_all, wait_json,
+    loadavg, m, medians_and_spreads, metrics_line, prog_deltas, programs_line, ratio_cell,
+    render_grid, spawn_client, tcp_tw_reuse, wait_all, wait_json,
 };
 use crate::os::{check_interrupt, children_cpu, proc_cpu};
 
@@ -361,16 +361,8 @@ pub(super) fn run(a: &BenchArgs, testpod: &Path) -> Result<Value> {
                     rep + 1,
                     s.name,
                     k.name(),
-                    r.metrics
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v:.1}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    r.programs
-                        .iter()
-                        .filter(|(_, p)| p.runs > 0)
-                        .map(|(n, p)| format!(" {n}={:.0}ns", p.run_time_ns as f64 / p.runs as f64))
-                        .collect::<String>(),
+                    metrics_line(&r.metrics),
+                    programs_line(&r.programs),
                     match r.sockmap.get("redirects") {
                         Some(x) if s.agent.is_some() => format!(" redirects=+{x}"),
                         _ => String::new(),

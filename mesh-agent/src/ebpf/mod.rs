@@ -2,10 +2,12 @@
 //!
 //! Pin layout under `--bpffs-root` (default `/sys/fs/bpf/sinew`):
 //! - `maps/<name>`: every map (see `mesh_common::map_names`); `maps/abi` holds the layout record;
-//! - `links/<program>`: one cgroup bpf_link per program, attached at `--cgroup-root`.
+//! - `links/<program>`: one bpf_link per program: attached at `--cgroup-root`, or (the same-node acceleration's
+//!   sk_msg and stream verdict programs) on the `sk_conns` map.
 //!
 //! Install is idempotent and never detaches: maps that are already pinned are reused (after the ABI check), and a
-//! program whose link is already pinned is swapped in place with `BPF_LINK_UPDATE`. Only [`uninstall`] detaches.
+//! program whose link is already pinned is swapped in place with `BPF_LINK_UPDATE`. Only [`uninstall`] detaches,
+//! and `--sockmap false` (the acceleration programs, see [`accel`]).
 
 pub mod accel;
 pub mod inspect;

@@ -519,19 +519,21 @@ pub struct AccelSide {
 impl AccelSide {
     /// Builds the node and pods, writes their manifests and starts the agent (ready within 20 s).
     pub fn setup(name: &str, testpod_bin: &Path, on: bool) -> Result<AccelSide> {
-        Self::setup_with(name, testpod_bin, on, &[])
+        Self::setup_with(name, testpod_bin, on, false, &[])
     }
 
-    /// [`AccelSide::setup`] with more `mesh-agent run` arguments.
+    /// [`AccelSide::setup`] with IPv6 addresses on the pods too (`ipv6`), and more `mesh-agent run` arguments.
     pub fn setup_with(
         name: &str,
         testpod_bin: &Path,
         on: bool,
+        ipv6: bool,
         agent_args: &[&str],
     ) -> Result<AccelSide> {
         let tname = format!("{name}-{}", if on { "on" } else { "off" });
         let topo = Topology::builder(&tname)
             .testpod_bin(testpod_bin)
+            .ipv6(ipv6)
             .node(NODE, &["client", "server"])
             .build()?;
         let source = topo.source_dir()?;
@@ -571,6 +573,12 @@ impl AccelSide {
     /// `server-ip:port`.
     pub fn server_addr(&self, port: u16) -> String {
         format!("{}:{port}", self.server.ip4)
+    }
+
+    /// `[server-ipv6]:port` (the side must be set up with IPv6).
+    pub fn server_addr6(&self, port: u16) -> String {
+        let ip6 = self.server.ip6.expect("the side was set up without IPv6");
+        format!("[{ip6}]:{port}")
     }
 
     /// Starts `sinew-testpod stream --listen <port> --script <script>` in the server pod and waits until it

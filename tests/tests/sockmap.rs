@@ -94,9 +94,14 @@ struct Modes<T> {
 /// Runs `f` on a fresh node with the switch off, then on another with it on. Before the workload the on node must
 /// report `sockmap.enabled`; the off node must report it disabled and redirect nothing during the workload.
 fn each_mode<T>(name: &str, f: impl Fn(&mut AccelSide) -> T) -> Modes<T> {
+    each_mode_in(name, false, f)
+}
+
+/// [`each_mode`], the pods with IPv6 addresses too when `ipv6`.
+fn each_mode_in<T>(name: &str, ipv6: bool, f: impl Fn(&mut AccelSide) -> T) -> Modes<T> {
     let mut runs = Vec::new();
     for on in [false, true] {
-        let mut side = AccelSide::setup(name, testpod_bin!(), on)
+        let mut side = AccelSide::setup_with(name, testpod_bin!(), on, ipv6, &[])
             .unwrap_or_else(|e| panic!("{name} ({}): setup failed: {e:#}", mode(on)));
         let before = side
             .status()
@@ -709,6 +714,7 @@ fn stack_delivered_bytes_keep_fionread_and_wakeups() {
         "sm-stack-noverdict",
         testpod_bin!(),
         true,
+        false,
         &["--sockmap-stream-verdict", "false"],
     )
     .unwrap_or_else(|e| panic!("setup: {e:#}"));
@@ -1140,6 +1146,49 @@ fn wait_rounds(p: &mut Proc, n: u64, timeout: Duration) {
         }
     });
     r.unwrap_or_else(|e| panic!("waiting for {n} rounds: {e}; output {:?}", p.lines()));
+}
+
+/// IPv6 sockets are keyed by their own 16-byte addresses (IPv4 ones v4-mapped): the same request/response rounds
+/// over the pods' IPv6 addresses are accelerated and byte-exact.
+#[test]
+fn ipv6_connections_are_accelerated_and_byte_exact() {
+    if !require_privileged("ipv6_connections_are_accelerated_and_byte_exact") {
+        return;
+    }
+    const ROUNDS: u64 = 300;
+    let m = each_mode_in("sm-ipv6", true, |side| {
+        let _srv = side
+            .server
+            .serve(ECHO_PORT, "server")
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let r: AccelRrReport = side
+            .client
+            .testpod(&[
+                "accel-rr",
+                "--to",
+                &side.server_addr6(ECHO_PORT),
+                "--count",
+                &ROUNDS.to_string(),
+                "--max-size",
+                "16384",
+                "--timeout-ms",
+                &CALL_TIMEOUT_MS.to_string(),
+            ])
+            .and_then(|p| p.wait(PROC_BOUND))
+            .and_then(|o| o.json())
+            .unwrap_or_else(|e| panic!("[{}] accel-rr over IPv6: {e:#}", side.mode()));
+        assert!(
+            r.error.is_none() && r.verified && r.rounds == ROUNDS,
+            "[{}] IPv6 rounds: {r:#?}",
+            side.mode()
+        );
+        r
+    });
+    assert_eq!(
+        (m.off.rounds, m.off.bytes, &m.off.hash),
+        (m.on.rounds, m.on.bytes, &m.on.hash)
+    );
+    m.on_accel.assert_accelerated("sm-ipv6");
 }
 
 #[test]

@@ -134,6 +134,8 @@ enum Output {
 enum DumpWhat {
     /// Services with their slots and backends.
     Services,
+    /// Same-node accelerated connections (`--sockmap`), client to server, and which ends are in `sk_conns`.
+    Sockmap,
 }
 
 fn init_logging(format: LogFormat) {
@@ -233,6 +235,13 @@ fn main() -> ExitCode {
                 });
                 print(output, &dump, |d| ebpf::inspect::render_services(d));
             }),
+        Cmd::Dump {
+            what: DumpWhat::Sockmap,
+            roots,
+            output,
+        } => ebpf::accel::AccelMaps::open(&Layout::new(&roots.bpffs_root))
+            .and_then(|m| m.connections())
+            .map(|(conns, _)| print(output, &conns, |c| ebpf::accel::render_connections(c))),
         Cmd::Policy {
             cmd: PolicyCmd::Status { admin_addr, output },
         } => client::get(admin_addr, "/debug/policies")

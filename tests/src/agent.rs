@@ -106,6 +106,12 @@ impl AgentCli {
         serde_json::from_str(&text).with_context(|| format!("parsing dump services: {text}"))
     }
 
+    /// `mesh-agent dump sockmap -o json` (the accelerated connections), as untyped JSON.
+    pub fn dump_sockmap(&self) -> Result<serde_json::Value> {
+        let text = self.run(&["dump", "sockmap", "-o", "json"], false)?;
+        serde_json::from_str(&text).with_context(|| format!("parsing dump sockmap: {text}"))
+    }
+
     /// `mesh-agent uninstall`.
     pub fn uninstall(&self) -> Result<String> {
         self.run(&["uninstall"], true)

@@ -1317,6 +1317,32 @@ fn policy_revocation_resets_accelerated_connection() {
             .unwrap_or_else(|e| panic!("{e:#}"));
         wait_rounds(&mut cli, 20, Duration::from_secs(20));
         let before = side.status().unwrap_or_else(|e| panic!("{e:#}"));
+        // `dump sockmap` names the connection the policy is about to revoke: the client pod to the server's port,
+        // both ends in the map (and nothing with the switch off).
+        let dump = side
+            .agent
+            .cli()
+            .dump_sockmap()
+            .unwrap_or_else(|e| panic!("dump sockmap: {e:#}"));
+        let listed = dump.as_array().map_or(0, |conns| {
+            conns
+                .iter()
+                .filter(|c| {
+                    c["server"] == json!(side.server_addr(ECHO_PORT))
+                        && c["client"]
+                            .as_str()
+                            .is_some_and(|a| a.starts_with(&format!("{}:", side.client.ip4)))
+                        && c["client_in_map"] == json!(true)
+                        && c["server_in_map"] == json!(true)
+                })
+                .count()
+        });
+        assert_eq!(
+            listed,
+            usize::from(side.on),
+            "[{}] dump sockmap: {dump:#}",
+            side.mode()
+        );
         if side.on {
             assert!(
                 before.connections.unwrap_or(0) >= 2 && before.counters.redirects > 0,

@@ -75,12 +75,16 @@ pub struct AccelMaps {
 }
 
 /// One accelerated connection, from its client end.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct AccelConnection {
     pub client_netns_cookie: u64,
     pub server_netns_cookie: u64,
     pub client: SocketAddr,
     pub server: SocketAddr,
+    /// Whether each end is in `sk_conns` now: the client's end leaves it when it closes; an end that sent
+    /// through the stack once stays in it but is no longer redirected.
+    pub client_in_map: bool,
+    pub server_in_map: bool,
 }
 
 impl AccelConnection {
@@ -182,9 +186,9 @@ impl AccelMaps {
         Ok((written, deleted))
     }
 
-    /// The accelerated connections, by their client ends (`sk_clients` entries with an end still in `sk_conns`).
-    /// Client records whose connection is gone are deleted on the way.
-    pub fn connections(&mut self) -> anyhow::Result<Vec<AccelConnection>> {
+    /// The accelerated connections, by their client ends (`sk_clients` entries with an end still in `sk_conns`),
+    /// and the client records whose connection is gone (both ends closed).
+    pub fn connections(&self) -> anyhow::Result<(Vec<AccelConnection>, Vec<SockKey>)> {
         let live: BTreeSet<SockKey> = self
             .conns
             .keys()
@@ -195,21 +199,27 @@ impl AccelMaps {
             .iter()
             .collect::<Result<_, _>>()
             .context("reading sk_clients")?;
-        let mut out = Vec::new();
+        let (mut out, mut gone) = (Vec::new(), Vec::new());
         for (key, conn) in clients {
             let c = AccelConnection {
                 client_netns_cookie: key.netns_cookie,
                 server_netns_cookie: conn.server_netns_cookie,
                 client: SocketAddr::new(addr_of(key.local_addr), key.local_port),
                 server: SocketAddr::new(addr_of(key.remote_addr), key.remote_port),
+                client_in_map: live.contains(&key),
+                server_in_map: false,
             };
-            if live.contains(&key) || live.contains(&c.server_key()) {
+            let c = AccelConnection {
+                server_in_map: live.contains(&c.server_key()),
+                ..c
+            };
+            if c.client_in_map || c.server_in_map {
                 out.push(c);
             } else {
-                let _ = self.clients.remove(&key);
+                gone.push(key);
             }
         }
-        Ok(out)
+        Ok((out, gone))
     }
 
     /// Takes every accelerated connection that `allowed` no longer allows out of `sk_conns` and resets both of
@@ -221,7 +231,11 @@ impl AccelMaps {
         netns_of: impl Fn(u64) -> Option<PathBuf>,
     ) -> anyhow::Result<Revoked> {
         let mut done = Revoked::default();
-        for c in self.connections()? {
+        let (connections, gone) = self.connections()?;
+        for key in gone {
+            let _ = self.clients.remove(&key);
+        }
+        for c in connections {
             if allowed(&c) {
                 continue;
             }
@@ -260,4 +274,32 @@ fn reset(netns: Option<&Path>, local: SocketAddr, remote: SocketAddr) -> anyhow:
 /// Whether `--sockmap` is in force: the sock_ops link is pinned.
 pub fn enabled(layout: &Layout) -> bool {
     layout.link(SOCKOPS).exists()
+}
+
+/// `mesh-agent dump sockmap`, text form.
+pub fn render_connections(conns: &[AccelConnection]) -> String {
+    if conns.is_empty() {
+        return "no accelerated connections\n".into();
+    }
+    let mut out = format!(
+        "{:<46} {:<46} {:<8} {}\n",
+        "CLIENT", "SERVER", "IN MAP", "NETNS COOKIES (client, server)"
+    );
+    for c in conns {
+        let ends = match (c.client_in_map, c.server_in_map) {
+            (true, true) => "both",
+            (true, false) => "client",
+            (false, true) => "server",
+            (false, false) => "none",
+        };
+        out += &format!(
+            "{:<46} {:<46} {:<8} {}, {}\n",
+            c.client.to_string(),
+            c.server.to_string(),
+            ends,
+            c.client_netns_cookie,
+            c.server_netns_cookie
+        );
+    }
+    out
 }

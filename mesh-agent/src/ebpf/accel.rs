@@ -303,3 +303,49 @@ pub fn render_connections(conns: &[AccelConnection]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> AccelConnection {
+        AccelConnection {
+            client_netns_cookie: 4097,
+            server_netns_cookie: 4098,
+            client: "10.244.0.10:40112".parse().unwrap(),
+            server: "10.244.0.11:8080".parse().unwrap(),
+            client_in_map: true,
+            server_in_map: false,
+        }
+    }
+
+    /// The two ends' keys are each other's peers, and an IPv4 connection is keyed v4-mapped, as the programs key it.
+    #[test]
+    fn keys_of_both_ends() {
+        let c = conn();
+        let k = c.client_key();
+        assert_eq!(k.netns_cookie, 4097);
+        assert_eq!(
+            &k.local_addr[..12],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255]
+        );
+        assert_eq!((k.local_port, k.remote_port), (40112, 8080));
+        assert_eq!(c.server_key(), k.peer(4098));
+        assert_eq!(c.server_key().peer(4097), k);
+        assert_eq!(addr_of(k.remote_addr), c.server.ip());
+    }
+
+    #[test]
+    fn dump_names_each_connection_and_its_ends() {
+        assert_eq!(render_connections(&[]), "no accelerated connections\n");
+        let text = render_connections(&[conn()]);
+        let row = text.lines().nth(1).unwrap();
+        assert!(
+            row.contains("10.244.0.10:40112")
+                && row.contains("10.244.0.11:8080")
+                && row.contains("client")
+                && row.contains("4097, 4098"),
+            "{text}"
+        );
+    }
+}

@@ -1177,18 +1177,29 @@ fn ipv6_connections_are_accelerated_and_byte_exact() {
             .and_then(|p| p.wait(PROC_BOUND))
             .and_then(|o| o.json())
             .unwrap_or_else(|e| panic!("[{}] accel-rr over IPv6: {e:#}", side.mode()));
-        assert!(
-            r.error.is_none() && r.verified && r.rounds == ROUNDS,
-            "[{}] IPv6 rounds: {r:#?}",
-            side.mode()
-        );
+        assert_rounds(side, &r, ROUNDS, "IPv6 rounds");
         r
     });
+    assert_same_rounds(&m, "sm-ipv6");
+}
+
+/// An `accel-rr` run completed all its rounds, every echo verified.
+fn assert_rounds(side: &AccelSide, r: &AccelRrReport, rounds: u64, what: &str) {
+    assert!(
+        r.error.is_none() && r.verified && r.rounds == rounds,
+        "[{}] {what}: {r:#?}",
+        side.mode()
+    );
+}
+
+/// Both modes exchanged the same rounds and bytes, and the on run was accelerated.
+fn assert_same_rounds(m: &Modes<AccelRrReport>, what: &str) {
     assert_eq!(
         (m.off.rounds, m.off.bytes, &m.off.hash),
-        (m.on.rounds, m.on.bytes, &m.on.hash)
+        (m.on.rounds, m.on.bytes, &m.on.hash),
+        "{what}: the modes exchanged different bytes"
     );
-    m.on_accel.assert_accelerated("sm-ipv6");
+    m.on_accel.assert_accelerated(what);
 }
 
 #[test]
@@ -1265,18 +1276,10 @@ fn connection_outlives_agent_restart() {
             .wait(PROC_BOUND)
             .and_then(|o| o.json())
             .unwrap_or_else(|e| panic!("[{}] accel-rr: {e:#}", side.mode()));
-        assert!(
-            r.error.is_none() && r.verified && r.rounds == ROUNDS,
-            "[{}] the connection across the restart: {r:#?}",
-            side.mode()
-        );
+        assert_rounds(side, &r, ROUNDS, "the connection across the restart");
         r
     });
-    assert_eq!(
-        (m.off.rounds, m.off.bytes, &m.off.hash),
-        (m.on.rounds, m.on.bytes, &m.on.hash)
-    );
-    m.on_accel.assert_accelerated("sm-restart");
+    assert_same_rounds(&m, "sm-restart");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -47,15 +47,6 @@ pub struct SockmapSettings {
     pub stream_verdict: bool,
 }
 
-impl Default for SockmapSettings {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            stream_verdict: true,
-        }
-    }
-}
-
 /// Kernel counters summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct AccelCounters {

@@ -380,20 +380,8 @@ fn send(c: &mut Conn, mut sock: &TcpStream, n: u64, sizes: Sizes, r: &mut StepRe
                     break 'outer;
                 }
                 Ok(k) => {
-                    r.calls += 1;
-                    if k < want - off {
-                        r.partial += 1;
-                    }
+                    accepted(c, r, k, want - off, t0, &mut last_point);
                     off += k;
-                    r.bytes += k as u64;
-                    c.send_off += k as u64;
-                    mark(
-                        &mut r.timeline,
-                        t0,
-                        &mut last_point,
-                        r.bytes - k as u64,
-                        r.bytes,
-                    );
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -405,6 +393,24 @@ fn send(c: &mut Conn, mut sock: &TcpStream, n: u64, sizes: Sizes, r: &mut StepRe
     }
     r.timeline.push((unix_ms(), r.bytes));
     r.ok = r.error.is_none();
+}
+
+/// Accounts for a write or sendfile call, started at `t0`, that accepted `k` of the `asked` bytes.
+fn accepted(
+    c: &mut Conn,
+    r: &mut StepReport,
+    k: usize,
+    asked: usize,
+    t0: Instant,
+    last_point: &mut Instant,
+) {
+    r.calls += 1;
+    if k < asked {
+        r.partial += 1;
+    }
+    r.bytes += k as u64;
+    c.send_off += k as u64;
+    mark(&mut r.timeline, t0, last_point, r.bytes - k as u64, r.bytes);
 }
 
 /// Adds timeline points after a call that started at `t0` with `before` bytes accepted and now has `after`: when
@@ -465,21 +471,7 @@ fn send_file(c: &mut Conn, sock: &TcpStream, n: u64, r: &mut StepReport) {
                         "sendfile returned 0",
                     ));
                 }
-                Ok(k) => {
-                    r.calls += 1;
-                    if k < want {
-                        r.partial += 1;
-                    }
-                    r.bytes += k as u64;
-                    c.send_off += k as u64;
-                    mark(
-                        &mut r.timeline,
-                        t0,
-                        &mut last_point,
-                        r.bytes - k as u64,
-                        r.bytes,
-                    );
-                }
+                Ok(k) => accepted(c, r, k, want, t0, &mut last_point),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }

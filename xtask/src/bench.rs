@@ -698,17 +698,7 @@ fn run(a: &BenchArgs, testpod: &Path) -> Result<Value> {
         policy_check = policy_sanity(&agent, &clients, &scenarios[2], intruder, &server)?;
     }
 
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let load1: f64 = loadavg()
-        .split_whitespace()
-        .next()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(0.0);
-    if load1 > cpus as f64 / 2.0 {
-        println!(
-            "note: load average {load1} on {cpus} CPUs before the bench: other work is running, expect noisy numbers"
-        );
-    }
+    note_if_busy(&loadavg(), "the bench");
     let names: Vec<&str> = scenarios.iter().map(|s| s.name).collect();
     let order_text = if scenarios.len() == 3 {
         format!(
@@ -1858,6 +1848,22 @@ fn median(v: &[f64]) -> Option<f64> {
     } else {
         (s[n / 2 - 1] + s[n / 2]) / 2.0
     })
+}
+
+/// Says so when the 1-minute load average (the first field of `load`, as [`loadavg`] gives it) exceeds half the
+/// CPUs before `what` starts: other work is running and the numbers will be noisy.
+fn note_if_busy(load: &str, what: &str) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load1: f64 = load
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0.0);
+    if load1 > cpus as f64 / 2.0 {
+        println!(
+            "note: load average {load1} on {cpus} CPUs before {what}: other work is running, expect noisy numbers"
+        );
+    }
 }
 
 fn loadavg() -> String {

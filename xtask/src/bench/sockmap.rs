@@ -38,8 +38,8 @@ use sinew_tests::{Agent, AgentOptions, Pod, PodManifest, Proc, SourceDir, Topolo
 use super::{
     BenchArgs, Better, CLIENT_NS, CLIENT_SA, Comparison, IO_TIMEOUT_MS, Metric, ORDERS3, ProgDelta,
     Row, SERVER_PORT, SERVER_SA, SIZE, WARMUP_MS, compare, crr_metrics, flush_time_wait_in,
-    loadavg, m, medians_and_spreads, metrics_line, prog_deltas, programs_line, ratio_cell,
-    render_grid, spawn_client, tcp_tw_reuse, wait_all, wait_json,
+    loadavg, m, medians_and_spreads, metrics_line, note_if_busy, prog_deltas, programs_line,
+    ratio_cell, render_grid, spawn_client, tcp_tw_reuse, wait_all, wait_json,
 };
 use crate::os::{check_interrupt, children_cpu, proc_cpu};
 
@@ -316,16 +316,7 @@ pub(super) fn run(a: &BenchArgs, testpod: &Path) -> Result<Value> {
         a.duration_ms,
         BULK_CHUNK / 1024
     );
-    let load1: f64 = load_start
-        .split_whitespace()
-        .next()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(0.0);
-    if load1 > cpus as f64 / 2.0 {
-        println!(
-            "note: load average {load1} on {cpus} CPUs before the group: other work is running, expect noisy numbers"
-        );
-    }
+    note_if_busy(&load_start, "the group");
     let counters_start: Vec<BTreeMap<&str, f64>> = ctx
         .agents
         .iter()
